@@ -1,0 +1,102 @@
+"""Sequence-parallel attention: local queries against every device's K/V.
+
+Each device holds Tl = T/P contiguous tokens.  Its queries attend to its own
+keys/values exactly and to everyone else's as delivered by the exchange
+strategy.  Causal attention uses global token positions, so device i sees all
+tokens of devices < i, a causal triangle of its own block, and nothing of
+devices > i.  Grouped-query attention (fewer K/V heads than query heads) is
+supported: K/V heads are exchanged once and shared by their query heads.
+
+``attend`` is the pure function; ``SequenceAttention`` is the thin Flax NNX
+holder that keeps the strategy's state (codebooks) and is what models call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from astra_jax.exchange import Exchange, ExchangeOut
+from astra_jax.mesh import current_seq_axis
+
+_MASKED = -1e30
+
+
+def dot_product_attention(q, k, v, *, q_pos, k_pos, causal: bool,
+                          kv_valid: jnp.ndarray | None = None) -> jnp.ndarray:
+  """Softmax attention with position-based causal masking.
+
+  q: [B, Tq, H, Dh]; k, v: [B, Tk, Hkv, Dh] with H % Hkv == 0.
+  q_pos [Tq], k_pos [Tk]: global positions; kv_valid [B, Tk] optional mask.
+  Logits and softmax are computed in float32.
+  """
+  b, tq, h, dh = q.shape
+  hkv = k.shape[2]
+  if h % hkv:
+    raise ValueError(f"{h} query heads cannot share {hkv} K/V heads; H must be a multiple of Hkv")
+  qg = q.reshape(b, tq, hkv, h // hkv, dh).astype(jnp.float32)
+  logits = jnp.einsum("bqkrd,bskd->bkrqs", qg, k.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST) / jnp.sqrt(jnp.float32(dh))
+  mask = jnp.ones((tq, k.shape[1]), bool)
+  if causal:
+    mask = k_pos[None, :] <= q_pos[:, None]
+  mask = mask[None, None, None]
+  if kv_valid is not None:
+    mask = mask & kv_valid[:, None, None, None, :]
+  logits = jnp.where(mask, logits, _MASKED)
+  weights = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("bkrqs,bskd->bqkrd", weights, v.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(b, tq, h, dh).astype(q.dtype)
+
+
+def attend(exchange: Exchange, state: Any, q, k, v, *, causal: bool,
+           train: bool = False, key: jax.Array | None = None,
+           axis_name: str | None = None) -> tuple[jnp.ndarray, ExchangeOut]:
+  """Attention of this device's queries over the whole (split) sequence.
+
+  q: [B, Tl, H, Dh], k/v: [B, Tl, Hkv, Dh] for this device's tokens.
+  Returns the attention output [B, Tl, H, Dh] and the exchange's output
+  (all K/V, new state, auxiliary loss), e.g. for a KV cache or the loss.
+  """
+  tl = q.shape[1]
+  out = exchange.gather(state, k, v, axis_name=axis_name, train=train, key=key)
+  index = 0 if axis_name is None else jax.lax.axis_index(axis_name)
+  q_pos = index * tl + jnp.arange(tl)
+  k_pos = jnp.arange(out.k.shape[1])
+  return dot_product_attention(q, out.k, out.v, q_pos=q_pos, k_pos=k_pos,
+                               causal=causal), out
+
+
+class ExchangeState(nnx.Variable):
+  """Non-gradient state of an exchange strategy (codebooks and their statistics)."""
+
+
+class SequenceAttention(nnx.Module):
+  """Attention core for models: holds the exchange state, reads the ambient mesh axis.
+
+  Set ``deterministic=False`` (``model.train()``) for training: the exchange
+  then updates its state, adds its training noise and sows its auxiliary loss
+  as ``nnx.Intermediate`` under ``exchange_loss``.
+  """
+
+  def __init__(self, exchange: Exchange, kv_dim: int, *, causal: bool, rngs: nnx.Rngs):
+    self.exchange = exchange
+    self.causal = causal
+    self.state = ExchangeState(exchange.init_state(rngs.params(), kv_dim))
+    self.rngs = rngs.fork()
+    self.deterministic = True
+
+  def __call__(self, q, k, v) -> jnp.ndarray:
+    train = not self.deterministic
+    key = self.rngs.exchange() if train else None
+    out, ex = attend(self.exchange, self.state.get_value(), q, k, v,
+                     causal=self.causal, train=train, key=key,
+                     axis_name=current_seq_axis())
+    if train:
+      self.state.set_value(ex.state)
+      self.sow(nnx.Intermediate, "exchange_loss", ex.loss)
+    return out

@@ -1,0 +1,52 @@
+"""Plumbing shared by the command-line tools (imports no JAX at module load).
+
+``ensure_cpu_devices`` must run before jax is imported: XLA's CPU backend fixes
+its device count when it starts.  The CLIs call it from their ``--mesh`` flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+
+def ensure_cpu_devices(n: int) -> None:
+  """Asks XLA:CPU for at least ``n`` fake devices (a no-op once jax is imported)."""
+  if "jax" in sys.modules:
+    return
+  have = int(os.environ.get("JAX_NUM_CPU_DEVICES", "1") or 1)
+  os.environ["JAX_NUM_CPU_DEVICES"] = str(max(have, n))
+
+
+def add_exchange_flags(parser: argparse.ArgumentParser) -> None:
+  g = parser.add_argument_group("exchange (how K/V cross devices)")
+  g.add_argument("--exchange", default="exact", help="strategy name: exact | vq")
+  g.add_argument("--groups", type=int, default=32, help="vq: groups G per K/V vector")
+  g.add_argument("--codebook-size", type=int, default=1024, help="vq: entries K per codebook")
+
+
+def exchange_from_flags(args: argparse.Namespace):
+  from astra_jax import exchange
+  options = {}
+  if args.exchange == "vq":
+    options = {"groups": args.groups, "codebook_size": args.codebook_size}
+  return exchange.make_exchange(args.exchange, **options)
+
+
+def print_result(result: dict[str, Any], out: str | None = None) -> None:
+  """Prints ``result`` as the last line (one JSON object) and writes it to ``out``."""
+  line = json.dumps(result, sort_keys=True)
+  if out:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+      f.write(line + "\n")
+  print(line, flush=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+  """Exits with a one-line error naming the fix (no traceback)."""
+  print(f"error: {message}", file=sys.stderr)
+  raise SystemExit(code)

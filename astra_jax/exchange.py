@@ -1,0 +1,201 @@
+"""K/V exchange strategies: how one device gets the other devices' keys/values.
+
+This is the single plug-in point between the models and the mesh.  A strategy
+is a frozen dataclass (a config is data), registered by name, with three pure
+methods:
+
+  init_state(key, kv_dim)       -> pytree of per-layer, non-gradient state
+  gather(state, k, v, ...)      -> ExchangeOut: every device's K/V, own block exact
+  bytes_per_token(kv_dim, dtype) -> what one token's K (or V) costs on the wire
+
+Attention (``astra_jax.attention``) calls ``gather`` and never branches on the
+strategy.  Strategies here:
+
+  exact  full-precision ``all_gather`` of K/V (plain sequence parallelism)
+  vq     ASTRA: local K/V exact, everyone else's as grouped-VQ codes, bit-packed
+         before the ``all_gather`` and decoded by the receiver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from astra_jax import noise as noise_lib
+from astra_jax import packing
+from astra_jax import quantizer as vq
+
+
+class ExchangeOut(NamedTuple):
+  """What attention receives from a strategy.
+
+  k, v:  [B, P*Tl, Hkv, Dh], blocks in device order; the calling device's own
+         block is its exact local K/V.
+  state: the strategy state after this call (updated only in training).
+  loss:  scalar auxiliary loss to add to the training objective (mesh-averaged).
+  """
+
+  k: jnp.ndarray
+  v: jnp.ndarray
+  state: Any
+  loss: jnp.ndarray
+
+
+_REGISTRY: dict[str, type["Exchange"]] = {}
+
+
+def register(cls):
+  _REGISTRY[cls.name] = cls
+  return cls
+
+
+def available() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def make_exchange(name: str, **options) -> "Exchange":
+  """Builds a strategy by name; unknown names or options raise ValueError."""
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown exchange {name!r}; choose one of {available()}")
+  cls = _REGISTRY[name]
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(options) - fields)
+  if unknown:
+    raise ValueError(
+        f"exchange {name!r} has no option(s) {unknown}; its options are {sorted(fields)}")
+  return cls(**options)
+
+
+def _gather_blocks(x: jnp.ndarray, axis_name: str) -> jnp.ndarray:
+  """[B, Tl, ...] on each device -> [B, P*Tl, ...] in device order."""
+  return jax.lax.all_gather(x, axis_name, axis=1, tiled=True)
+
+
+def _own_block(full: jnp.ndarray, local: jnp.ndarray, axis_name: str) -> jnp.ndarray:
+  """Overwrites this device's block of ``full`` with its exact ``local`` tokens."""
+  start = jax.lax.axis_index(axis_name) * local.shape[1]
+  return jax.lax.dynamic_update_slice_in_dim(full, local.astype(full.dtype), start, axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Exchange:
+  """Base strategy: nothing to learn, nothing to update."""
+
+  name: ClassVar[str] = "base"
+
+  def init_state(self, key: jax.Array, kv_dim: int) -> Any:
+    del key, kv_dim
+    return ()
+
+  def gather(self, state, k, v, *, axis_name: str | None, train: bool = False,
+             key: jax.Array | None = None) -> ExchangeOut:
+    raise NotImplementedError
+
+  def bytes_per_token(self, kv_dim: int, dtype: Any) -> int:
+    raise NotImplementedError
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class ExactExchange(Exchange):
+  """Full-precision K/V through ``all_gather`` (Voltage-style sequence parallelism)."""
+
+  name: ClassVar[str] = "exact"
+
+  def gather(self, state, k, v, *, axis_name, train=False, key=None):
+    del train, key
+    if axis_name is not None:
+      k, v = _gather_blocks(k, axis_name), _gather_blocks(v, axis_name)
+    return ExchangeOut(k, v, state, jnp.zeros((), jnp.float32))
+
+  def bytes_per_token(self, kv_dim, dtype):
+    return kv_dim * jnp.dtype(dtype).itemsize
+
+
+class VQState(NamedTuple):
+  """Separate codebooks for the keys and the values of one layer."""
+
+  k: vq.Codebook
+  v: vq.Codebook
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class VQExchange(Exchange):
+  """ASTRA's mixed-precision exchange with a grouped vector quantizer.
+
+  groups:          G, groups per K (or V) vector; a token costs G*log2(K) bits.
+  codebook_size:   K entries per group codebook (power of two; 1024 = 10 bits).
+  commitment:      weight of the commitment loss (ASTRA: 1e-4 .. 5e-4).
+  noise_scale:     lambda of noise-augmented quantization (training only).
+  ema_decay:       decay of the EMA codebook statistics.
+  dead_threshold:  an entry is dead below this fraction of the uniform usage;
+                   dead entries are re-seeded every training step.
+
+  In training the sender applies the straight-through estimator and the
+  decoded (float) K/V cross the mesh, so the gradient of a receiver's loss
+  flows back to the sender's pre-quantization K/V; the values are exactly the
+  decoded codes.  At inference only the packed codes cross the mesh.
+  """
+
+  name: ClassVar[str] = "vq"
+  groups: int = 32
+  codebook_size: int = 1024
+  commitment: float = 2.5e-4
+  noise_scale: float = 1.0
+  ema_decay: float = 0.99
+  dead_threshold: float = 0.01
+
+  def __post_init__(self):
+    packing.code_bits(self.codebook_size)
+    if self.groups < 1:
+      raise ValueError(f"groups must be >= 1, got {self.groups}")
+
+  def init_state(self, key, kv_dim):
+    vq.check_config(kv_dim, self.groups, self.codebook_size)
+    kk, kv = jax.random.split(key)
+    return VQState(vq.init_codebook(kk, kv_dim, self.groups, self.codebook_size),
+                   vq.init_codebook(kv, kv_dim, self.groups, self.codebook_size))
+
+  def bytes_per_token(self, kv_dim, dtype):
+    del dtype
+    vq.check_config(kv_dim, self.groups, self.codebook_size)
+    return packing.packed_bytes(self.groups, self.codebook_size)
+
+  def gather(self, state, k, v, *, axis_name, train=False, key=None):
+    if axis_name is None:  # one device: everything is local and exact
+      return ExchangeOut(k, v, state, jnp.zeros((), jnp.float32))
+    if train and key is None:
+      raise ValueError("the vq exchange needs a PRNG key in training (noise, re-seeding)")
+    keys = jax.random.split(key, 2) if train else (None, None)
+    (k_all, cb_k, loss_k), (v_all, cb_v, loss_v) = (
+        self._one(x, cb, axis_name, train, kk)
+        for x, cb, kk in ((k, state.k, keys[0]), (v, state.v, keys[1])))
+    return ExchangeOut(k_all, v_all, VQState(cb_k, cb_v), loss_k + loss_v)
+
+  def _one(self, x, cb: vq.Codebook, axis_name, train, key):
+    b, tl, h, dh = x.shape
+    flat = x.reshape(b, tl, h * dh)
+    vq.check_config(h * dh, self.groups, self.codebook_size)
+    codes = vq.encode(flat, cb.entries)
+    if train:
+      k_noise, k_seed = jax.random.split(key)
+      decoded = vq.decode(codes, cb.entries)
+      sent = vq.straight_through(flat, decoded)
+      received = _gather_blocks(sent, axis_name)
+      device_key = jax.random.fold_in(k_noise, jax.lax.axis_index(axis_name))
+      received = noise_lib.residual_noise(device_key, received, cb.resid_var,
+                                          self.noise_scale)
+      loss = self.commitment * jax.lax.pmean(vq.commitment_loss(flat, decoded), axis_name)
+      cb = vq.ema_update(cb, flat, codes, decay=self.ema_decay, axis_name=axis_name)
+      cb = vq.reseed_dead(k_seed, cb, self.dead_threshold)
+    else:
+      packed = _gather_blocks(packing.pack_codes(codes, self.codebook_size), axis_name)
+      codes_all = packing.unpack_codes(packed, self.groups, self.codebook_size)
+      received = vq.decode(codes_all, cb.entries)
+      loss = jnp.zeros((), jnp.float32)
+    full = _own_block(received.astype(x.dtype), flat, axis_name)
+    return full.reshape(b, -1, h, dh), cb, loss

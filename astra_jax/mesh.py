@@ -1,0 +1,119 @@
+"""Meshes, the ambient sequence axis, and running token-local code over a mesh.
+
+Model code is written for the tokens one device holds and never names a mesh.
+The only op that needs other devices' tokens is attention, and it learns the
+mesh axis to talk over from :func:`current_seq_axis`, which
+:func:`sequence_parallel` sets while it traces the per-device body.  Outside
+that (plain calls, dense references) the axis is ``None`` and attention sees
+the whole sequence on one device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Callable, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+SEQ_AXIS = "seq"
+
+_seq_axis: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "astra_seq_axis", default=None)
+
+
+def current_seq_axis() -> str | None:
+  """The mesh axis the sequence is split over, or None on a single device."""
+  return _seq_axis.get()
+
+
+@contextlib.contextmanager
+def seq_axis(name: str | None):
+  """Sets the ambient sequence axis while tracing a per-device body."""
+  token = _seq_axis.set(name)
+  try:
+    yield
+  finally:
+    _seq_axis.reset(token)
+
+
+def make_seq_mesh(num_devices: int, axis: str = SEQ_AXIS,
+                  devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh of ``num_devices`` over all processes' devices.
+
+  Raises ValueError naming the fix when there are not enough devices.
+  """
+  if not isinstance(num_devices, int) or num_devices < 1:
+    raise ValueError(f"mesh size must be a positive integer, got {num_devices!r}")
+  devices = list(devices if devices is not None else jax.devices())
+  if num_devices > len(devices):
+    raise ValueError(
+        f"a mesh of {num_devices} devices was requested but only {len(devices)} "
+        f"{devices[0].platform.upper()} device(s) are available. On CPU set "
+        f"JAX_NUM_CPU_DEVICES={num_devices} before jax is imported (the CLIs do "
+        "this for you with --mesh), or launch more processes with "
+        "jax.distributed.")
+  return jax.make_mesh((num_devices,), (axis,), devices=devices[:num_devices],
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+
+
+def check_divisible(length: int, mesh_size: int, what: str = "sequence") -> int:
+  """Tokens per device; ValueError with the fix when ``length % mesh_size``."""
+  if length % mesh_size:
+    lo = length - length % mesh_size
+    raise ValueError(
+        f"{what} length {length} is not divisible by the mesh size {mesh_size}; "
+        f"pad or crop it to a multiple of {mesh_size} (e.g. {lo} or "
+        f"{lo + mesh_size}), or choose a mesh size that divides {length}.")
+  return length // mesh_size
+
+
+def seq_spec(seq_dim: int | None, axis: str = SEQ_AXIS) -> PartitionSpec:
+  """PartitionSpec splitting dimension ``seq_dim`` over ``axis`` (None: replicated)."""
+  if seq_dim is None:
+    return PartitionSpec()
+  return PartitionSpec(*([None] * seq_dim), axis)
+
+
+def _specs(dims: Any, axis: str) -> Any:
+  """int/None -> one spec (a prefix for a whole pytree); tuples/lists map per entry."""
+  if dims is None or isinstance(dims, int):
+    return seq_spec(dims, axis)
+  return tuple(_specs(d, axis) for d in dims)
+
+
+def sequence_parallel(fn: Callable[..., Any], mesh: Mesh, *,
+                      in_seq_dims: Sequence[Any], out_seq_dims: Any,
+                      axis: str = SEQ_AXIS) -> Callable[..., Any]:
+  """Runs ``fn``, written for one device's tokens, with its inputs split over ``axis``.
+
+  ``in_seq_dims`` has one entry per positional argument: an int (the sequence
+  dimension of every array leaf in that argument) or None (replicated, e.g.
+  parameters).  ``out_seq_dims`` is the same for the output: an int/None for
+  the whole output pytree, or a tuple with one entry per output.  Sequence
+  lengths are checked against the mesh first, so a bad length gives a clear
+  error instead of a sharding failure deep inside XLA.
+  """
+  size = mesh.shape[axis]
+  in_specs = _specs(tuple(in_seq_dims), axis)
+  out_specs = _specs(out_seq_dims, axis)
+
+  def body(*args):
+    with seq_axis(axis):
+      return fn(*args)
+
+  mapped = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+
+  def run(*args):
+    if len(args) != len(in_seq_dims):
+      raise ValueError(f"expected {len(in_seq_dims)} arguments, got {len(args)}")
+    for arg, dim in zip(args, in_seq_dims):
+      for leaf in ([] if dim is None else jax.tree.leaves(arg)):
+        check_divisible(leaf.shape[dim], size)
+    args = tuple(
+        jax.tree.map(lambda x, s=spec: jax.reshard(x, NamedSharding(mesh, s)), arg)
+        for arg, spec in zip(args, in_specs))
+    return mapped(*args)
+
+  return run

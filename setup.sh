@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# astra-jax set-up: finds Python >= 3.12, makes .venv, installs the project, then runs
+#   bash setup.sh main        -> the main job (ViT on bundled Fashion-MNIST, 4-way sequence parallel)
+#   bash setup.sh test        -> the default test suite (fake CPU devices)
+#   bash setup.sh test-slow   -> the slow tests only
+set -euo pipefail
+cd "$(dirname "$0")"
+mode="${1:-}"; shift || true
+
+version_ok() { "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1; }
+
+find_python() {
+  local c
+  for c in "${ASTRA_PYTHON:-}" python3.12 python3.13 python3.14 python3; do
+    [ -n "$c" ] || continue
+    command -v "$c" >/dev/null 2>&1 && version_ok "$c" && { command -v "$c"; return; }
+  done
+  # pyenv keeps interpreters that its shims hide unless PYENV_VERSION selects them.
+  local root="${PYENV_ROOT:-$HOME/.pyenv}"
+  for c in $(ls -d "$root"/versions/3.1[2-9]*/bin/python3 2>/dev/null | sort -V); do
+    version_ok "$c" && { echo "$c"; return; }
+  done
+  return 1
+}
+
+if [ ! -x .venv/bin/python ] || ! version_ok .venv/bin/python; then
+  py=$(find_python) || {
+    echo "setup.sh: astra-jax needs Python >= 3.12 (JAX 0.12 requires it) and none was found." >&2
+    echo "  Install one (e.g. 'pyenv install 3.12') or point ASTRA_PYTHON at it: ASTRA_PYTHON=/path/to/python3.12 bash setup.sh $mode" >&2
+    exit 2
+  }
+  echo "setup.sh: using $py ($("$py" --version 2>&1))"
+  rm -rf .venv
+  "$py" -m venv .venv
+fi
+
+stamp=.venv/.astra-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c 'import jax, flax, optax, orbax.checkpoint, einops, chex' \
+    || { echo "setup.sh: installing the Python dependencies failed (see above)" >&2; exit 2; }
+  touch "$stamp"
+fi
+
+need_fashion_mnist() {
+  [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && return
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup.sh: installing Debian's dataset-fashion-mnist"
+    (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null; }) \
+      || { echo "setup.sh: could not install dataset-fashion-mnist; install it or pass --data-dir" >&2; exit 2; }
+  else
+    echo "setup.sh: Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' or pass --data-dir" >&2
+    exit 2
+  fi
+}
+
+case "$mode" in
+  main)
+    need_fashion_mnist
+    exec .venv/bin/python -m train.vit --mesh=4 "$@" ;;
+  test)
+    exec .venv/bin/python -m pytest -q "$@" ;;
+  test-slow)
+    exec .venv/bin/python -m pytest -q -m slow "$@" ;;
+  *)
+    echo "usage: bash setup.sh {main|test|test-slow} [extra args]" >&2; exit 2 ;;
+esac
