@@ -31,15 +31,19 @@ def dot_product_attention(q, k, v, *, q_pos, k_pos, causal: bool,
 
   q: [B, Tq, H, Dh]; k, v: [B, Tk, Hkv, Dh] with H % Hkv == 0.
   q_pos [Tq], k_pos [Tk]: global positions; kv_valid [B, Tk] optional mask.
-  Logits and softmax are computed in float32.
+  Dots accumulate in float32; logits and softmax are float32; the weights
+  meet V in V's dtype.
   """
   b, tq, h, dh = q.shape
   hkv = k.shape[2]
   if h % hkv:
     raise ValueError(f"{h} query heads cannot share {hkv} K/V heads; H must be a multiple of Hkv")
-  qg = q.reshape(b, tq, hkv, h // hkv, dh).astype(jnp.float32)
-  logits = jnp.einsum("bqkrd,bskd->bkrqs", qg, k.astype(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST) / jnp.sqrt(jnp.float32(dh))
+  qg = q.reshape(b, tq, hkv, h // hkv, dh)
+  # No upcast of k/v here: XLA would hoist the convert above the all_gather and
+  # put float32 on the wire; accumulate in float32 through the dot instead.
+  logits = jnp.einsum("bqkrd,bskd->bkrqs", qg, k.astype(q.dtype),
+                      precision=jax.lax.Precision.HIGHEST,
+                      preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(dh))
   mask = jnp.ones((tq, k.shape[1]), bool)
   if causal:
     mask = k_pos[None, :] <= q_pos[:, None]
@@ -48,8 +52,9 @@ def dot_product_attention(q, k, v, *, q_pos, k_pos, causal: bool,
     mask = mask & kv_valid[:, None, None, None, :]
   logits = jnp.where(mask, logits, _MASKED)
   weights = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("bkrqs,bskd->bqkrd", weights, v.astype(jnp.float32),
-                   precision=jax.lax.Precision.HIGHEST)
+  out = jnp.einsum("bkrqs,bskd->bqkrd", weights.astype(v.dtype), v,
+                   precision=jax.lax.Precision.HIGHEST,
+                   preferred_element_type=jnp.float32)
   return out.reshape(b, tq, h, dh).astype(q.dtype)
 
 

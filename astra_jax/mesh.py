@@ -15,7 +15,7 @@ import contextvars
 from typing import Any, Callable, Sequence
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 SEQ_AXIS = "seq"
 
@@ -42,6 +42,8 @@ def make_seq_mesh(num_devices: int, axis: str = SEQ_AXIS,
                   devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh of ``num_devices`` over all processes' devices.
 
+  The axis is ``Auto``: arrays produced by sequence-parallel code can flow
+  into ordinary unsharded code (losses, metrics) without a mesh context.
   Raises ValueError naming the fix when there are not enough devices.
   """
   if not isinstance(num_devices, int) or num_devices < 1:
@@ -55,7 +57,7 @@ def make_seq_mesh(num_devices: int, axis: str = SEQ_AXIS,
         "this for you with --mesh), or launch more processes with "
         "jax.distributed.")
   return jax.make_mesh((num_devices,), (axis,), devices=devices[:num_devices],
-                       axis_types=(jax.sharding.AxisType.Explicit,))
+                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def check_divisible(length: int, mesh_size: int, what: str = "sequence") -> int:
@@ -111,9 +113,6 @@ def sequence_parallel(fn: Callable[..., Any], mesh: Mesh, *,
     for arg, dim in zip(args, in_seq_dims):
       for leaf in ([] if dim is None else jax.tree.leaves(arg)):
         check_divisible(leaf.shape[dim], size)
-    args = tuple(
-        jax.tree.map(lambda x, s=spec: jax.reshard(x, NamedSharding(mesh, s)), arg)
-        for arg, spec in zip(args, in_specs))
     return mapped(*args)
 
   return run
