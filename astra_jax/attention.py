@@ -60,19 +60,28 @@ def dot_product_attention(q, k, v, *, q_pos, k_pos, causal: bool,
 
 def attend(exchange: Exchange, state: Any, q, k, v, *, causal: bool,
            train: bool = False, key: jax.Array | None = None,
-           axis_name: str | None = None) -> tuple[jnp.ndarray, ExchangeOut]:
+           axis_name: str | None = None,
+           private: int = 0) -> tuple[jnp.ndarray, ExchangeOut]:
   """Attention of this device's queries over the whole (split) sequence.
 
   q: [B, Tl, H, Dh], k/v: [B, Tl, Hkv, Dh] for this device's tokens.
+  ``private``: the first ``private`` local tokens (e.g. a per-device class
+  token) are visible to this device only: they never cross the mesh, and
+  other devices' private tokens are not seen.  Bidirectional attention only.
   Returns the attention output [B, Tl, H, Dh] and the exchange's output
-  (all K/V, new state, auxiliary loss), e.g. for a KV cache or the loss.
+  (shared K/V of all devices, new state, auxiliary loss).
   """
+  if private and causal:
+    raise ValueError("private (per-device) tokens are only supported in bidirectional attention")
+  out = exchange.gather(state, k[:, private:], v[:, private:], axis_name=axis_name,
+                        train=train, key=key)
+  k_all = jnp.concatenate([k[:, :private], out.k], axis=1)
+  v_all = jnp.concatenate([v[:, :private], out.v], axis=1)
   tl = q.shape[1]
-  out = exchange.gather(state, k, v, axis_name=axis_name, train=train, key=key)
   index = 0 if axis_name is None else jax.lax.axis_index(axis_name)
   q_pos = index * tl + jnp.arange(tl)
-  k_pos = jnp.arange(out.k.shape[1])
-  return dot_product_attention(q, out.k, out.v, q_pos=q_pos, k_pos=k_pos,
+  k_pos = jnp.arange(k_all.shape[1])
+  return dot_product_attention(q, k_all, v_all, q_pos=q_pos, k_pos=k_pos,
                                causal=causal), out
 
 
@@ -80,28 +89,36 @@ class ExchangeState(nnx.Variable):
   """Non-gradient state of an exchange strategy (codebooks and their statistics)."""
 
 
+class ExchangeLoss(nnx.Variable):
+  """The exchange's auxiliary loss from the latest call (0 at inference)."""
+
+
 class SequenceAttention(nnx.Module):
   """Attention core for models: holds the exchange state, reads the ambient mesh axis.
 
   Set ``deterministic=False`` (``model.train()``) for training: the exchange
-  then updates its state, adds its training noise and sows its auxiliary loss
-  as ``nnx.Intermediate`` under ``exchange_loss``.
+  then updates its state and adds its training noise; its auxiliary loss is
+  left in ``self.loss`` (an ``ExchangeLoss`` variable, 0 at inference), which
+  ``astra_jax.apply`` sums into the objective.
   """
 
-  def __init__(self, exchange: Exchange, kv_dim: int, *, causal: bool, rngs: nnx.Rngs):
+  def __init__(self, exchange: Exchange, kv_dim: int, *, causal: bool,
+               rngs: nnx.Rngs, private: int = 0):
     self.exchange = exchange
     self.causal = causal
+    self.private = private
     self.state = ExchangeState(exchange.init_state(rngs.params(), kv_dim))
     self.rngs = rngs.fork()
     self.deterministic = True
+    self.loss = ExchangeLoss(jnp.zeros((), jnp.float32))
 
   def __call__(self, q, k, v) -> jnp.ndarray:
     train = not self.deterministic
     key = self.rngs.exchange() if train else None
     out, ex = attend(self.exchange, self.state.get_value(), q, k, v,
                      causal=self.causal, train=train, key=key,
-                     axis_name=current_seq_axis())
+                     axis_name=current_seq_axis(), private=self.private)
     if train:
       self.state.set_value(ex.state)
-      self.sow(nnx.Intermediate, "exchange_loss", ex.loss)
+    self.loss.set_value(ex.loss)
     return out

@@ -38,6 +38,21 @@ def seq_axis(name: str | None):
     _seq_axis.reset(token)
 
 
+def seq_mean(x: Any) -> Any:
+  """Mean over the devices of the sequence axis (identity on one device)."""
+  axis = current_seq_axis()
+  return x if axis is None else jax.lax.pmean(x, axis)
+
+
+def seq_first(x: Any) -> Any:
+  """Device 0's value, on every device (identity on one device)."""
+  axis = current_seq_axis()
+  if axis is None:
+    return x
+  first = jax.lax.axis_index(axis) == 0
+  return jax.tree.map(lambda a: jax.lax.psum(jax.numpy.where(first, a, 0), axis), x)
+
+
 def make_seq_mesh(num_devices: int, axis: str = SEQ_AXIS,
                   devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh of ``num_devices`` over all processes' devices.

@@ -1,0 +1,1 @@
+"""Models. None of them names a mesh: attention goes through SequenceAttention."""

@@ -1,0 +1,193 @@
+"""Checkpointer: round trips of NNX model + optimizer state, retention, errors."""
+
+import glob
+import os
+import shutil
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from astra_jax import checkpoint as ckpt_lib
+from astra_jax.checkpoint import CheckpointError, Checkpointer, restore_state
+
+
+class Pair(NamedTuple):
+  a: jax.Array
+  b: jax.Array
+
+
+class Stats(nnx.Variable):
+  """Non-Param state holding a NamedTuple, like attention.ExchangeState."""
+
+
+class Tiny(nnx.Module):
+
+  def __init__(self, width: int, rngs: nnx.Rngs):
+    self.lin = nnx.Linear(4, width, rngs=rngs)
+    key = rngs.params()
+    self.stats = Stats(Pair(jax.random.normal(key, (3,)), jnp.zeros((2, 2))))
+    self.rngs = rngs.fork()
+
+  def __call__(self, x):
+    self.stats.set_value(Pair(self.stats.get_value().a + 1.0, self.stats.get_value().b - 2.0))
+    return self.lin(x) + jax.random.normal(self.rngs.noise(), ())
+
+
+def make(seed: int = 0, width: int = 8):
+  model = Tiny(width, nnx.Rngs(seed))
+  return model, nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+
+
+def trained(seed: int = 0, steps: int = 1):
+  model, opt = make(seed)
+  for _ in range(steps):
+    grads = nnx.grad(lambda m: jnp.mean(m(jnp.ones((2, 4))) ** 2))(model)
+    opt.update(model, grads)
+  return model, opt
+
+
+def abstract(width: int = 8):
+  return nnx.state(nnx.eval_shape(lambda: make(123, width)))
+
+
+def plain_leaves(tree):
+  def plain(x):
+    return jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+  return [np.asarray(plain(x)) for x in jax.tree.leaves(tree)]
+
+
+def assert_same(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(plain_leaves(a), plain_leaves(b), strict=True):
+    assert x.dtype == y.dtype
+    np.testing.assert_array_equal(x, y)
+
+
+def save_steps(directory, steps, **kwargs):
+  model, opt = trained()
+  with Checkpointer(str(directory), **{"save_every": 1, **kwargs}) as ckpt:
+    for s in steps:
+      ckpt.save(s, nnx.state((model, opt)))
+  return model, opt
+
+
+def test_round_trip_into_fresh_model(tmp_path):
+  model, opt = trained(steps=2)
+  with Checkpointer(str(tmp_path), save_every=1) as ckpt:
+    assert ckpt.save(2, nnx.state((model, opt)))
+    fresh, fresh_opt = make(seed=1)  # different init: restore must overwrite all of it
+    assert not np.array_equal(fresh.lin.kernel.get_value(), model.lin.kernel.get_value())
+    assert not np.array_equal(fresh.stats.get_value().a, model.stats.get_value().a)
+    nnx.update((fresh, fresh_opt), ckpt.restore(abstract()))
+  assert_same(nnx.state((model, opt)), nnx.state((fresh, fresh_opt)))
+  assert isinstance(fresh.stats, Stats) and isinstance(fresh.stats.get_value(), Pair)
+  assert int(fresh_opt.step.get_value()) == 2
+  assert_same(nnx.state((model, opt)), restore_state(str(tmp_path), abstract()))
+  fresh(jnp.ones((2, 4)))  # the restored model still runs (keys, counters usable)
+
+
+def test_plain_pytree_round_trip(tmp_path):
+  tree = {"w": jnp.arange(6.0).reshape(2, 3), "pair": Pair(jnp.ones(2), jnp.int32(7))}
+  with Checkpointer(str(tmp_path), save_every=1) as ckpt:
+    ckpt.save(1, tree)
+    assert_same(tree, ckpt.restore(jax.eval_shape(lambda: tree)))
+
+
+def test_latest_step_and_max_to_keep(tmp_path):
+  with Checkpointer(str(tmp_path), save_every=1, max_to_keep=2) as ckpt:
+    assert ckpt.latest_step() is None
+    model, opt = trained()
+    for s in (1, 2, 3):
+      assert ckpt.save(s, nnx.state((model, opt)))
+    ckpt.wait()
+    assert ckpt.latest_step() == 3
+    assert sorted(os.listdir(tmp_path)) == ["2", "3"]
+    ckpt.restore(abstract(), step=2)
+    with pytest.raises(CheckpointError, match=r"no step 1 .*holds steps \[2, 3\]"):
+      ckpt.restore(abstract(), step=1)
+
+
+def test_save_every_skips_and_force(tmp_path):
+  model, opt = trained()
+  state = nnx.state((model, opt))
+  with Checkpointer(str(tmp_path), save_every=5, max_to_keep=5) as ckpt:
+    saved = [s for s in range(1, 12) if ckpt.save(s, state)]
+    assert saved == [1, 5, 10]  # a fresh run's first save is orbax's baseline checkpoint
+    assert ckpt.save(11, state, force=True)
+    ckpt.wait()
+    assert ckpt.latest_step() == 11
+    with pytest.raises(CheckpointError, match="already saved"):
+      ckpt.save(11, state, force=True)
+    assert not ckpt.save(9, state)  # not past the latest step
+  with Checkpointer(str(tmp_path), save_every=5, max_to_keep=5) as resumed:
+    assert [s for s in range(12, 16) if resumed.save(s, state)] == [15]  # no baseline on resume
+  assert sorted(os.listdir(tmp_path), key=int) == ["1", "5", "10", "11", "15"]
+
+
+def test_missing_directory(tmp_path):
+  with pytest.raises(CheckpointError, match=r"no checkpoint in .*nope: train first .*--init-from"):
+    restore_state(str(tmp_path / "nope"), abstract())
+
+
+def test_empty_directory(tmp_path):
+  with pytest.raises(CheckpointError, match="no checkpoint in .*train first"):
+    restore_state(str(tmp_path), abstract())
+  with Checkpointer(str(tmp_path / "run"), save_every=1) as ckpt:
+    with pytest.raises(CheckpointError, match="no checkpoint in .*--workdir"):
+      ckpt.restore(abstract())
+
+
+def _garbage(path):
+  with open(path, "wb") as f:
+    f.write(b"\x00garbage\xff" * 7)
+
+
+def _truncate(path):
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's aborted reads
+@pytest.mark.parametrize("damage, which", [
+    (_garbage, "*"),  # every file in the step directory
+    (_garbage, "default/d/*"),  # array data only (metadata still fine)
+    (_garbage, "default/_METADATA"),
+    (_truncate, "*"),
+])
+def test_corrupt_step_names_step_and_previous_still_loads(tmp_path, damage, which):
+  model, opt = save_steps(tmp_path, [1, 2])
+  step_dir = tmp_path / "2"
+  files = [p for p in glob.glob(str(step_dir / "**" / which), recursive=True) if os.path.isfile(p)]
+  assert files
+  for p in files:
+    damage(p)
+  with pytest.raises(CheckpointError, match=rf"{step_dir} is corrupt.*delete {step_dir} to fall back to step 1"):
+    restore_state(str(tmp_path), abstract())
+  shutil.rmtree(step_dir)
+  assert_same(nnx.state((model, opt)), restore_state(str(tmp_path), abstract()))
+
+
+def test_different_config_names_key_and_shapes(tmp_path):
+  save_steps(tmp_path, [1])
+  with pytest.raises(CheckpointError, match=r"different model config: '0\.lin\.bias' has "
+                     r"shape \(8,\) in the checkpoint but \(16,\) in the model"):
+    restore_state(str(tmp_path), abstract(width=16))
+
+
+def test_different_structure_names_key(tmp_path):
+  save_steps(tmp_path, [1])
+  model_only = nnx.state(nnx.eval_shape(lambda: make(0)[0]))
+  with pytest.raises(CheckpointError, match=r"different model config: 'lin\.bias' is in the "
+                     "model but not in the checkpoint"):
+    restore_state(str(tmp_path), model_only)
+
+
+def test_bad_arguments():
+  with pytest.raises(CheckpointError, match="save_every"):
+    Checkpointer("/tmp/unused", save_every=0)
+  assert issubclass(ckpt_lib.CheckpointError, ValueError)
