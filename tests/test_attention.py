@@ -117,18 +117,29 @@ def _mixed_kv_error_bound(q, k, v, k_hat, v_hat, mesh_size):
   return jnp.concatenate(bounds, axis=1)[..., None]
 
 
+def _flat(x):
+  return x.reshape(-1, H * DH)
+
+
+def _learned_state(k, v):
+  """k-means codebooks (G=4, K=16): lossy for these 32 tokens."""
+  return ex.VQState(vq.kmeans_init(jax.random.PRNGKey(5), _flat(k), 4, 16),
+                    vq.kmeans_init(jax.random.PRNGKey(6), _flat(v), 4, 16))
+
+
+def _reconstruct(x, cb):
+  return vq.decode(vq.encode(_flat(x), cb.entries), cb.entries).reshape(x.shape)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_vq_learned_codebook_error_is_bounded_by_quantization_error(causal):
   q, k, v = _qkv(4)
   vq_ex = ex.make_exchange("vq", groups=4, codebook_size=16)
-  flat = lambda x: x.reshape(-1, H * DH)
-  state = ex.VQState(vq.kmeans_init(jax.random.PRNGKey(5), flat(k), 4, 16),
-                     vq.kmeans_init(jax.random.PRNGKey(6), flat(v), 4, 16))
+  state = _learned_state(k, v)
   mesh_size = 4
   out = sharded(vq_ex, state, mesh_size, causal)(state, q, k, v)
   ref = dense(q, k, v, causal)
-  recon = lambda x, cb: vq.decode(vq.encode(flat(x), cb.entries), cb.entries).reshape(x.shape)
-  k_hat, v_hat = recon(k, state.k), recon(v, state.v)
+  k_hat, v_hat = _reconstruct(k, state.k), _reconstruct(v, state.v)
   err = jnp.abs(out - ref)
   assert float(err.max()) > 1e-3  # the codebook is lossy: the test is not vacuous
   bound = _mixed_kv_error_bound(q, k, v, k_hat, v_hat, mesh_size)
@@ -144,9 +155,7 @@ def test_vq_learned_codebook_error_is_bounded_by_quantization_error(causal):
 
 def test_vq_train_forward_equals_inference_without_noise():
   q, k, v = _qkv(5)
-  flat = lambda x: x.reshape(-1, H * DH)
-  state = ex.VQState(vq.kmeans_init(jax.random.PRNGKey(5), flat(k), 4, 16),
-                     vq.kmeans_init(jax.random.PRNGKey(6), flat(v), 4, 16))
+  state = _learned_state(k, v)
   quiet = ex.make_exchange("vq", groups=4, codebook_size=16, noise_scale=0.0)
   noisy = ex.make_exchange("vq", groups=4, codebook_size=16, noise_scale=1.0)
   key = jax.random.PRNGKey(0)
@@ -161,17 +170,14 @@ def test_vq_train_forward_equals_inference_without_noise():
 
 def test_vq_training_gradient_flows_straight_through_to_the_sender():
   q, k, v = _qkv(6)
-  flat = lambda x: x.reshape(-1, H * DH)
-  state = ex.VQState(vq.kmeans_init(jax.random.PRNGKey(5), flat(k), 4, 16),
-                     vq.kmeans_init(jax.random.PRNGKey(6), flat(v), 4, 16))
+  state = _learned_state(k, v)
   quiet = ex.make_exchange("vq", groups=4, codebook_size=16, noise_scale=0.0)
   fn = sharded(quiet, state, 4, False, train=True, key=jax.random.PRNGKey(0))
   w = jax.random.normal(jax.random.PRNGKey(1), q.shape)
   g_k = jax.grad(lambda k: jnp.sum(fn(state, q, k, v) * w))(k)
   # reference: each device's rows use [own exact | others decoded]; STE makes the
   # gradient w.r.t. a remote K the gradient w.r.t. its decoded value.
-  recon = lambda x, cb: vq.decode(vq.encode(flat(x), cb.entries), cb.entries).reshape(x.shape)
-  k_hat, v_hat = recon(k, state.k), recon(v, state.v)
+  k_hat, v_hat = _reconstruct(k, state.k), _reconstruct(v, state.v)
   tl = T // 4
 
   def mixed_loss(k_exact, k_dec):
@@ -189,9 +195,7 @@ def test_vq_training_gradient_flows_straight_through_to_the_sender():
 
 def test_training_keeps_codebooks_identical_and_matches_single_device_ema():
   q, k, v = _qkv(7)
-  flat = lambda x: x.reshape(-1, H * DH)
-  state = ex.VQState(vq.kmeans_init(jax.random.PRNGKey(5), flat(k), 4, 16),
-                     vq.kmeans_init(jax.random.PRNGKey(6), flat(v), 4, 16))
+  state = _learned_state(k, v)
   exch = ex.make_exchange("vq", groups=4, codebook_size=16, dead_threshold=0.0)
   mesh = mesh_lib.make_seq_mesh(4)
 
@@ -205,11 +209,11 @@ def test_training_keeps_codebooks_identical_and_matches_single_device_ema():
   new_state, loss = jax.jit(mesh_lib.sequence_parallel(
       body, mesh, in_seq_dims=(None, 1, 1, 1), out_seq_dims=None))(state, q, k, v)
   for x, cb, got in ((k, state.k, new_state.k), (v, state.v, new_state.v)):
-    want = vq.ema_update(cb, flat(x), vq.encode(flat(x), cb.entries), decay=exch.ema_decay)
+    want = vq.ema_update(cb, _flat(x), vq.encode(_flat(x), cb.entries), decay=exch.ema_decay)
     for a, b in zip(want, got):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   want_loss = exch.commitment * sum(
-      vq.commitment_loss(flat(x), vq.decode(vq.encode(flat(x), cb.entries), cb.entries))
+      vq.commitment_loss(_flat(x), vq.decode(vq.encode(_flat(x), cb.entries), cb.entries))
       for x, cb in ((k, state.k), (v, state.v)))
   np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
 
