@@ -86,6 +86,13 @@ def check_divisible(length: int, mesh_size: int, what: str = "sequence") -> int:
   return length // mesh_size
 
 
+def replicate(tree: Any, mesh: Mesh | None) -> Any:
+  """Places every array of ``tree`` on all devices of ``mesh`` (no-op without one)."""
+  if mesh is None:
+    return tree
+  return jax.device_put(tree, jax.sharding.NamedSharding(mesh, PartitionSpec()))
+
+
 def seq_spec(seq_dim: int | None, axis: str = SEQ_AXIS) -> PartitionSpec:
   """PartitionSpec splitting dimension ``seq_dim`` over ``axis`` (None: replicated)."""
   if seq_dim is None:
