@@ -93,13 +93,19 @@ class ExchangeLoss(nnx.Variable):
   """The exchange's auxiliary loss from the latest call (0 at inference)."""
 
 
+class RecordedKV(nnx.Variable):
+  """(k, v) of the shared tokens from the latest call, when recording is on."""
+
+
 class SequenceAttention(nnx.Module):
   """Attention core for models: holds the exchange state, reads the ambient mesh axis.
 
   Set ``deterministic=False`` (``model.train()``) for training: the exchange
   then updates its state and adds its training noise; its auxiliary loss is
   left in ``self.loss`` (an ``ExchangeLoss`` variable, 0 at inference), which
-  ``astra_jax.apply`` sums into the objective.
+  ``astra_jax.apply`` sums into the objective.  With ``record_kv=True`` the
+  layer keeps its latest shared K/V in ``self.recorded`` (a ``RecordedKV``),
+  e.g. to initialise codebooks by k-means (``astra_jax.calibrate``).
   """
 
   def __init__(self, exchange: Exchange, kv_dim: int, *, causal: bool,
@@ -111,6 +117,7 @@ class SequenceAttention(nnx.Module):
     self.rngs = rngs.fork()
     self.deterministic = True
     self.loss = ExchangeLoss(jnp.zeros((), jnp.float32))
+    self.record_kv = False
 
   def __call__(self, q, k, v) -> jnp.ndarray:
     train = not self.deterministic
@@ -121,4 +128,6 @@ class SequenceAttention(nnx.Module):
     if train:
       self.state.set_value(ex.state)
     self.loss.set_value(ex.loss)
+    if self.record_kv:
+      self.recorded = RecordedKV((k[:, self.private:], v[:, self.private:]))
     return out

@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.vq = ml_collections.ConfigDict(dict(
       groups=32, codebook_size=1024, commitment=2.5e-4, noise_scale=1.0,
       ema_decay=0.99, dead_threshold=0.01))
+  c.augment = True  # random crop (pad 2) + horizontal flip
   c.epochs = 2
   c.batch_size = 128
   c.lr = 1e-3

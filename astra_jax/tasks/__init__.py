@@ -1,0 +1,1 @@
+"""Glue between a model family, its data and the CLIs (train/, infer/)."""

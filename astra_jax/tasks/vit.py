@@ -1,0 +1,106 @@
+"""ViT image classification: model from a config, input preparation, evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from astra_jax import apply, checkpoint, exchange, mesh as mesh_lib, training, traffic, workdir
+from astra_jax.data import images as data
+from astra_jax.models import vit
+
+
+def model_config(cfg: ml_collections.ConfigDict, exchange_name: str | None = None) -> vit.ViTConfig:
+  name = exchange_name or cfg.exchange
+  options = dict(cfg.vq) if name == "vq" else {}
+  return vit.ViTConfig(variant=cfg.variant, image_size=cfg.image_size,
+                       channels=cfg.get("channels", 1), num_classes=cfg.get("num_classes", 10),
+                       class_token=cfg.class_token,
+                       exchange=exchange.make_exchange(name, **options))
+
+
+def build(model_cfg: vit.ViTConfig, seed: int = 0) -> vit.ViT:
+  return vit.ViT(model_cfg, rngs=nnx.Rngs(seed))
+
+
+def prepare(images: np.ndarray, cfg: ml_collections.ConfigDict, patch: int) -> jnp.ndarray:
+  """uint8 [B, H, W, C] -> normalised patches [B, N, p*p*C]."""
+  x = data.normalize(data.pad_to(images, cfg.image_size), cfg.dataset)
+  return vit.patchify(jnp.asarray(x), patch)
+
+
+def check_mesh(model_cfg: vit.ViTConfig, mesh_size: int) -> None:
+  mesh_lib.check_divisible(model_cfg.num_patches, mesh_size, what="patch sequence")
+
+
+def restore_trained(run: str, target: vit.ViTConfig | None = None,
+                    step: int | None = None):
+  """(cfg, ViTConfig, model) from a run's config.json and checkpoint.
+
+  ``target`` rebuilds the model with another exchange or class-token mode
+  (same architecture): the parameters are reused and, when the exchange
+  differs, its state is fresh (``exact`` has none; ``vq`` codebooks must then
+  be calibrated, see ``astra_jax.calibrate``).
+  """
+  cfg = workdir.load_config(run)
+  trained = model_config(cfg)
+  target = target or trained
+  same_arch = dataclasses.replace(target, exchange=trained.exchange,
+                                  class_token=trained.class_token)
+  if same_arch != trained:
+    raise ValueError(f"{run} holds a {trained.variant} model for {trained.image_size}px "
+                     f"images; the requested model is {target.variant} at "
+                     f"{target.image_size}px: use the same variant/image_size")
+  abstract = nnx.eval_shape(lambda: build(trained))
+  _, params, rest = apply.split_model(abstract)
+  # the optimizer's state structure does not depend on its schedule's values
+  tx = training.make_optimizer(lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               warmup_steps=cfg.warmup_steps, total_steps=2)
+  state = jax.eval_shape(lambda: training.init_state(params, rest, tx))
+  state = checkpoint.restore_state(workdir.checkpoint_dir(run), state, step)
+  graphdef, _, fresh_rest = apply.split_model(build(target))
+  rest = state.rest if target.exchange == trained.exchange else fresh_rest
+  return cfg, target, nnx.merge(graphdef, state.params, rest)
+
+
+def evaluate(model: nnx.Module, cfg, model_cfg: vit.ViTConfig, split: data.ImageSplit,
+             mesh_size: int, batch_size: int) -> dict:
+  """Test accuracy at ``mesh_size`` devices, and bytes per device per image from HLO."""
+  check_mesh(model_cfg, mesh_size)
+  graphdef, params, rest = apply.split_model(model)
+  mesh = mesh_lib.make_seq_mesh(mesh_size) if mesh_size > 1 else None
+  params, rest = mesh_lib.replicate((params, rest), mesh)
+  fn = jax.jit(apply.sequence_apply(graphdef, mesh, in_seq_dims=(1, 0), train=False))
+  positions = jnp.arange(model_cfg.num_patches)
+  correct = 0
+  for images, labels in data.batches(split, batch_size, rng=None, drop_remainder=False):
+    logits, _, _ = fn(params, rest, prepare(images, cfg, model_cfg.patch), positions)
+    correct += int(jnp.sum(jnp.argmax(logits, -1) == jnp.asarray(labels)))
+  one = jax.ShapeDtypeStruct((1, model_cfg.num_patches,
+                              model_cfg.patch ** 2 * model_cfg.channels), jnp.float32)
+  report = traffic.compiled_traffic(fn, params, rest, one, positions)
+  ex = model_cfg.exchange
+  width = model_cfg.sizes[0]
+  return {
+      "accuracy": correct / len(split.labels),
+      "examples": int(len(split.labels)),
+      "exchange": ex.name,
+      "mesh": mesh_size,
+      "groups": getattr(ex, "groups", None),
+      "codebook_size": getattr(ex, "codebook_size", None),
+      "bits_per_token": 8 * ex.bytes_per_token(width, jnp.float32),
+      "bytes_per_device": report.bytes_per_device,
+      # K/V exchange of every layer + the float32 logits reduced over devices
+      "bytes_per_device_formula": traffic.sequence_parallel_bytes(
+          ex, layers=model_cfg.sizes[1], batch=1,
+          tokens_per_device=model_cfg.num_patches // mesh_size, kv_dim=width,
+          dtype=jnp.float32, mesh_size=mesh_size)
+          + (4 * model_cfg.num_classes if mesh_size > 1 else 0),
+      "class_token": model_cfg.class_token,
+      "variant": model_cfg.variant,
+  }

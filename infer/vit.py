@@ -1,0 +1,63 @@
+"""Evaluate a trained ViT run on the test split, sequence-parallel.
+
+  python -m infer.vit --workdir DIR --mesh=4 --exchange vq [--out FILE]
+
+Prints the accuracy and, as its last line, one JSON object with accuracy,
+exchange, mesh, groups, codebook_size, bits_per_token, bytes_per_device (read
+from the compiled program, one image per forward) and examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from astra_jax import cli
+
+
+def parse(argv):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--workdir", required=True, help="a run folder made by train.vit")
+  p.add_argument("--mesh", type=int, default=4)
+  p.add_argument("--exchange", default=None,
+                 help="exact | vq (default: the run's own; vq needs a vq-trained run)")
+  p.add_argument("--class-token", choices=["distributed", "single"], default=None,
+                 help="override how per-device logits are combined")
+  p.add_argument("--data-dir", default=None)
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+  p.add_argument("--batch-size", type=int, default=500)
+  p.add_argument("--out", default=None, help="also write the JSON result here")
+  return p.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse(sys.argv[1:] if argv is None else argv)
+  cli.ensure_cpu_devices(args.mesh)
+  import dataclasses
+  from astra_jax import workdir
+  from astra_jax.data import images as data
+  from astra_jax.tasks import vit as task
+
+  try:
+    cfg = workdir.load_config(args.workdir)
+    if args.exchange == "vq" and cfg.exchange != "vq":
+      raise ValueError(
+          f"{args.workdir} was trained with the {cfg.exchange!r} exchange and has no "
+          "codebooks; fine-tune one first: python -m train.vit --init-from "
+          f"{args.workdir} --config.exchange=vq --workdir NEW_DIR")
+    target = task.model_config(cfg, args.exchange)
+    if args.class_token:
+      target = dataclasses.replace(target, class_token=args.class_token)
+    cfg, model_cfg, model = task.restore_trained(args.workdir, target, args.step)
+    split = data.load_image_dataset(cfg.dataset, args.data_dir, "test")
+    result = task.evaluate(model, cfg, model_cfg, split, args.mesh, args.batch_size)
+  except ValueError as e:
+    cli.fail(str(e))
+  print(f"accuracy {result['accuracy']:.4f} on {result['examples']} test images, "
+        f"{result['exchange']} exchange, mesh {args.mesh}, "
+        f"{result['bytes_per_device']:,} bytes/device per image")
+  cli.print_result(dict(result, workdir=args.workdir), args.out)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,147 @@
+"""End-to-end ViT CLIs on a tiny synthetic IDX dataset (8x8 images padded to 16x16)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_data_images import idx_bytes
+
+TINY = ["--config.image_size=16", "--config.batch_size=8", "--config.log_every=1",
+        "--config.warmup_steps=2", "--config.eval_batch_size=16", "--config.lr=3e-3",
+        "--config.augment=false"]
+
+
+def _write_dataset(folder: Path, n_train=64, n_test=32):
+  folder.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(0)
+  for prefix, n in (("train", n_train), ("t10k", n_test)):
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = rng.integers(0, 40, (n, 8, 8)).astype(np.uint8)
+    images[np.arange(n), labels % 8, :] = 250  # the label is a bright row: learnable
+    (folder / f"{prefix}-images-idx3-ubyte").write_bytes(idx_bytes(images))
+    (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+  return folder
+
+
+def run(module, *args, timeout=600):
+  return subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
+                        text=True, timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def last_json(proc):
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return _write_dataset(tmp_path_factory.mktemp("tiny_idx"))
+
+
+@pytest.fixture(scope="module")
+def exact_run(data_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("exact")
+  result = last_json(run("train.vit", "--mesh=2", f"--workdir={workdir}",
+                         f"--data-dir={data_dir}", "--config.epochs=3",
+                         "--config.checkpoint_every=8", *TINY))
+  return workdir, result
+
+
+def test_train_writes_metrics_and_checkpoints(exact_run):
+  workdir, result = exact_run
+  assert result["mesh"] == 2 and result["exchange"] == "exact" and result["examples"] == 32
+  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  losses = [r["loss"] for r in rows if "loss" in r]
+  assert len(losses) == 24 and np.mean(losses[-4:]) < np.mean(losses[:4])
+  assert rows[-1]["test_accuracy"] == result["accuracy"]
+  assert (workdir / "config.json").exists()
+  assert sorted(os.listdir(workdir / "checkpoints"))[-1] == "24"
+
+
+def test_exact_eval_same_at_mesh_1_and_4(exact_run, data_dir, tmp_path):
+  workdir, train_result = exact_run
+  one = last_json(run("infer.vit", f"--workdir={workdir}", "--mesh=1", f"--data-dir={data_dir}"))
+  out = tmp_path / "four.json"
+  four = last_json(run("infer.vit", f"--workdir={workdir}", "--mesh=4",
+                       f"--data-dir={data_dir}", f"--out={out}"))
+  assert one["accuracy"] == four["accuracy"] == train_result["accuracy"]
+  assert one["bytes_per_device"] == 0
+  assert four["bytes_per_device"] == four["bytes_per_device_formula"] > 0
+  assert json.loads(out.read_text()) == four
+  for key in ("accuracy", "exchange", "mesh", "groups", "codebook_size", "bits_per_token",
+              "bytes_per_device", "examples"):
+    assert key in four
+
+
+def test_vq_finetune_from_exact_run(exact_run, data_dir, tmp_path):
+  workdir, _ = exact_run
+  vq_dir = tmp_path / "vq"
+  proc = run("train.vit", "--mesh=4", f"--workdir={vq_dir}", f"--data-dir={data_dir}",
+             f"--init-from={workdir}", "--config.exchange=vq", "--config.vq.groups=4",
+             "--config.vq.codebook_size=16", "--config.epochs=1", *TINY)
+  result = last_json(proc)
+  assert "k-means" in proc.stdout
+  assert result["exchange"] == "vq" and result["bits_per_token"] == 16
+  evald = last_json(run("infer.vit", f"--workdir={vq_dir}", "--mesh=4", f"--data-dir={data_dir}"))
+  assert evald["accuracy"] == result["accuracy"]
+  assert evald["bytes_per_device"] == evald["bytes_per_device_formula"]
+  exact_eval = last_json(run("infer.vit", f"--workdir={vq_dir}", "--mesh=4",
+                             "--exchange=exact", f"--data-dir={data_dir}"))
+  assert exact_eval["bytes_per_device"] > 10 * evald["bytes_per_device"]
+
+
+def test_kill_9_then_rerun_resumes(data_dir, tmp_path):
+  workdir = tmp_path / "killed"
+  cmd = [sys.executable, "-m", "train.vit", "--mesh=2", f"--workdir={workdir}",
+         f"--data-dir={data_dir}", "--config.epochs=40", "--config.checkpoint_every=4", *TINY]
+  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpts = workdir / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and not any(
+      p.name.isdigit() and int(p.name) >= 8 for p in (ckpts.iterdir() if ckpts.exists() else [])):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
+  again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+  result = last_json(again)
+  resumed = [l for l in again.stdout.splitlines() if l.startswith("resuming from step")]
+  assert resumed and int(resumed[0].split()[3]) >= 8
+  assert result["steps"] == 320
+
+
+def test_bad_input_gives_clear_errors(exact_run, data_dir, tmp_path):
+  workdir, _ = exact_run
+  cases = [
+      (["train.vit", "--mesh=3", f"--data-dir={data_dir}", f"--workdir={tmp_path}/a", *TINY],
+       "not divisible by the mesh size 3"),
+      (["train.vit", "--mesh=1", f"--data-dir={tmp_path}/none", f"--workdir={tmp_path}/b"],
+       "dataset-fashion-mnist"),
+      (["train.vit", "--mesh=1", "--config.epoch=3", f"--workdir={tmp_path}/c"],
+       "unknown config key 'epoch'"),
+      (["infer.vit", f"--workdir={tmp_path}/nothing", "--mesh=1"], "not a training run"),
+      (["infer.vit", f"--workdir={workdir}", "--mesh=2", "--exchange=vq",
+        f"--data-dir={data_dir}"], "has no codebooks; fine-tune"),
+  ]
+  for args, message in cases:
+    proc = run(*args)
+    assert proc.returncode == 2, (args, proc.stderr[-2000:])
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_corrupt_checkpoint_is_named(exact_run, data_dir, tmp_path):
+  workdir, _ = exact_run
+  broken = tmp_path / "broken"
+  subprocess.run(["cp", "-r", str(workdir), str(broken)], check=True)
+  step = broken / "checkpoints" / "24"
+  for f in step.rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+  proc = run("infer.vit", f"--workdir={broken}", "--mesh=1", f"--data-dir={data_dir}")
+  assert proc.returncode == 2 and "corrupt" in proc.stderr and "Traceback" not in proc.stderr
