@@ -13,7 +13,7 @@ import pytest
 
 from test_data_images import idx_bytes
 
-TINY = ["--config.image_size=16", "--config.batch_size=8", "--config.log_every=1",
+TINY = ["--config.variant=mu/4", "--config.image_size=16", "--config.batch_size=8", "--config.log_every=1",
         "--config.warmup_steps=2", "--config.eval_batch_size=16", "--config.lr=3e-3",
         "--config.augment=false"]
 
@@ -145,3 +145,21 @@ def test_corrupt_checkpoint_is_named(exact_run, data_dir, tmp_path):
       f.write_bytes(b"garbage")
   proc = run("infer.vit", f"--workdir={broken}", "--mesh=1", f"--data-dir={data_dir}")
   assert proc.returncode == 2 and "corrupt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_results_command_writes_table(data_dir, tmp_path):
+  md = tmp_path / "RESULTS.md"
+  md.write_text("# Results\n\nintro kept\n")
+  out = tmp_path / "r.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "infer.vit_results", f"--root={tmp_path}/runs", "--mesh=2",
+       f"--data-dir={data_dir}", "--only", "vq_g1_kmeans", f"--results={out}",
+       f"--markdown={md}", "--extra", "--config.epochs=1", *TINY],
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["name"] for r in rows] == ["single_device", "exact", "vq_g1_kmeans"]
+  assert rows[0]["accuracy"] == rows[1]["accuracy"]  # exact SP == one device
+  text = md.read_text()
+  assert text.startswith("# Results\n\nintro kept\n")
+  assert "| ASTRA G=1, k-means only (no fine-tuning) | distributed | 1 | 16 |" in text

@@ -47,6 +47,8 @@ def main(argv=None):
     cfg = config.load(args.config, overrides)
     train_split = data.load_image_dataset(cfg.dataset, args.data_dir, "train")
     test_split = data.load_image_dataset(cfg.dataset, args.data_dir, "test")
+    cfg.channels = int(train_split.images.shape[-1])
+    cfg.num_classes = int(train_split.num_classes)
     model_cfg = task.model_config(cfg)
     task.check_mesh(model_cfg, args.mesh)
     mesh = mesh_lib.make_seq_mesh(args.mesh) if args.mesh > 1 else None
@@ -72,7 +74,7 @@ def main(argv=None):
 
   steps_per_epoch = len(train_split.labels) // cfg.batch_size
   total = steps_per_epoch * cfg.epochs
-  if args.max_steps:
+  if args.max_steps is not None:
     total = min(total, args.max_steps)
   tx = training.make_optimizer(lr=cfg.lr, weight_decay=cfg.weight_decay,
                                warmup_steps=cfg.warmup_steps, total_steps=total)

@@ -16,7 +16,7 @@ logits are then reduced over the sequence axis:
                              the other devices' patches only through the
                              exchange), for comparison.
 
-With one device both are a standard ViT.  Variants: "mu", "Ti", "S", "B", "L"
+With one device both are a standard ViT.  Variants: "mu", "xs", "Ti", "S", "B", "L"
 with "/patch", e.g. "Ti/4" or "B/16".
 """
 
@@ -36,6 +36,7 @@ from astra_jax.mesh import seq_first, seq_mean
 # width, depth, heads, mlp width
 VARIANTS = {
     "mu": (64, 4, 4, 128),
+    "xs": (128, 4, 4, 512),
     "Ti": (192, 12, 3, 768),
     "S": (384, 12, 6, 1536),
     "B": (768, 12, 12, 3072),

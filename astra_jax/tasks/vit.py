@@ -19,7 +19,7 @@ def model_config(cfg: ml_collections.ConfigDict, exchange_name: str | None = Non
   name = exchange_name or cfg.exchange
   options = dict(cfg.vq) if name == "vq" else {}
   return vit.ViTConfig(variant=cfg.variant, image_size=cfg.image_size,
-                       channels=cfg.get("channels", 1), num_classes=cfg.get("num_classes", 10),
+                       channels=cfg.channels, num_classes=cfg.num_classes,
                        class_token=cfg.class_token,
                        exchange=exchange.make_exchange(name, **options))
 
