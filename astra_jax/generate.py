@@ -1,0 +1,116 @@
+"""ASTRA text generation: prefill the prompt across the mesh, decode on one device.
+
+``prefill`` runs the causal model sequence-parallel over the (right-padded)
+prompt, recording every layer's K/V as each device saw them.  The device that
+holds the prompt's last token continues alone: its KV cache is its own block
+exact plus the other devices' blocks as its exchange delivered them (decoded
+codes for ``vq``), which is what ASTRA does.  Padding past the prompt sits at
+positions the decoder overwrites before it can attend to them (attention masks
+by position), so it never leaks into the output.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from astra_jax import apply, attention, mesh as mesh_lib
+
+
+def _layers(model):
+  return [m for _, m in nnx.iter_modules(model) if isinstance(m, attention.SequenceAttention)]
+
+
+def prefill(model: nnx.Module, tokens: jnp.ndarray, mesh_size: int):
+  """tokens [B, T] (T % mesh_size == 0) -> (logits [B, T, V], views).
+
+  ``views`` has, per layer, (k, v) of shape [P, B, T, H, Dh]: entry d is the
+  whole sequence's K/V as device d saw it (its block exact, the others as the
+  exchange delivered them).
+  """
+  graphdef, params, rest = apply.split_model(model)
+  mesh = mesh_lib.make_seq_mesh(mesh_size) if mesh_size > 1 else None
+  t = tokens.shape[1]
+  mesh_lib.check_divisible(t, mesh_size, what="prompt")
+
+  def body(params, rest, tokens, positions):
+    m = nnx.merge(graphdef, params, rest, copy=True)
+    m.eval()
+    for layer in _layers(m):
+      layer.record_kv = True
+    logits = m(tokens, positions)
+    # [1, B, T, H, Dh] per device -> [P, B, T, H, Dh] across the mesh
+    views = [tuple(x[None] for x in layer.recorded.get_value()[2:]) for layer in _layers(m)]
+    return logits, views
+
+  if mesh is None:
+    logits, views = body(params, rest, tokens, jnp.arange(t))
+  else:
+    run = mesh_lib.sequence_parallel(body, mesh, in_seq_dims=(None, None, 1, 0),
+                                     out_seq_dims=(1, 0))
+    logits, views = jax.jit(run)(params, rest, tokens, jnp.arange(t))
+  return logits, views
+
+
+def _pad_cache(views, device: int, cache_len: int):
+  """Device ``device``'s view as a cache of ``cache_len`` slots, placed on that device."""
+  target = jax.devices()[device]  # make_seq_mesh uses jax.devices()[:P] in order
+  cache = []
+  for k, v in views:
+    k, v = k[device], v[device]
+    pad = [(0, 0), (0, cache_len - k.shape[1]), (0, 0), (0, 0)]
+    cache.append(jax.device_put((jnp.pad(k, pad), jnp.pad(v, pad)), target))
+  return cache
+
+
+def generate(model: nnx.Module, prompt: list[int], max_new_tokens: int, *, mesh_size: int,
+             context: int, temperature: float = 0.0, key: jax.Array | None = None,
+             pad_id: int = 0) -> Iterator[int]:
+  """Yields new token ids: ASTRA prefill on ``mesh_size`` devices, cached decode on one.
+
+  temperature 0 is greedy.  Raises ValueError when prompt + new tokens exceed
+  the model's context.
+  """
+  n = len(prompt)
+  if n == 0:
+    raise ValueError("the prompt is empty; give at least one token")
+  if n + max_new_tokens > context:
+    raise ValueError(
+        f"prompt ({n} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the model's "
+        f"context of {context} tokens; shorten the prompt or ask for fewer tokens")
+  padded = -(-n // mesh_size) * mesh_size
+  tokens = jnp.asarray([list(prompt) + [pad_id] * (padded - n)], jnp.int32)
+  logits, views = prefill(model, tokens, mesh_size)
+  device = (n - 1) // (padded // mesh_size)
+  cache = _pad_cache(views, device, context)
+  step = _decode_step(model)
+  last = jax.device_put(logits[:, n - 1], jax.devices()[device])
+  key = key if key is not None else jax.random.PRNGKey(0)
+  for i in range(max_new_tokens):
+    key, sub = jax.random.split(key)
+    token = _sample(last, temperature, sub)
+    yield int(token[0])
+    if i + 1 == max_new_tokens:
+      break
+    logits, cache = step(token[:, None], jnp.asarray([n + i], jnp.int32), cache)
+    last = logits[:, 0]
+
+
+def _sample(logits, temperature, key):
+  if temperature <= 0:
+    return jnp.argmax(logits, -1).astype(jnp.int32)
+  return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+
+
+def _decode_step(model) -> Callable:
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def step(tokens, positions, cache):
+    m = nnx.merge(graphdef, state)
+    return m.decode(tokens, positions, cache)
+
+  return step
