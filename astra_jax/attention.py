@@ -94,7 +94,9 @@ class ExchangeLoss(nnx.Variable):
 
 
 class RecordedKV(nnx.Variable):
-  """(k, v) of the shared tokens from the latest call, when recording is on."""
+  """From the latest call, when recording is on: (k, v) of this device's shared
+  tokens, and (k, v) of the whole sequence as this device saw it (its own
+  block exact, the rest as the exchange delivered it: a KV cache)."""
 
 
 class SequenceAttention(nnx.Module):
@@ -104,8 +106,9 @@ class SequenceAttention(nnx.Module):
   then updates its state and adds its training noise; its auxiliary loss is
   left in ``self.loss`` (an ``ExchangeLoss`` variable, 0 at inference), which
   ``astra_jax.apply`` sums into the objective.  With ``record_kv=True`` the
-  layer keeps its latest shared K/V in ``self.recorded`` (a ``RecordedKV``),
-  e.g. to initialise codebooks by k-means (``astra_jax.calibrate``).
+  layer keeps its latest K/V in ``self.recorded`` (a ``RecordedKV``), to
+  initialise codebooks by k-means (``astra_jax.calibrate``) or to fill a KV
+  cache after a sequence-parallel prefill (``astra_jax.generate``).
   """
 
   def __init__(self, exchange: Exchange, kv_dim: int, *, causal: bool,
@@ -129,5 +132,5 @@ class SequenceAttention(nnx.Module):
       self.state.set_value(ex.state)
     self.loss.set_value(ex.loss)
     if self.record_kv:
-      self.recorded = RecordedKV((k[:, self.private:], v[:, self.private:]))
+      self.recorded = RecordedKV((k[:, self.private:], v[:, self.private:], ex.k, ex.v))
     return out

@@ -34,7 +34,7 @@ def record_kv(model: nnx.Module, batches: Iterable[tuple], max_tokens: int) -> l
   for batch in batches:
     model(*batch)
     for i, layer in enumerate(layers):
-      k, v = layer.recorded.get_value()
+      k, v, _, _ = layer.recorded.get_value()
       ks[i].append(k.reshape(-1, k.shape[-2] * k.shape[-1]))
       vs[i].append(v.reshape(-1, v.shape[-2] * v.shape[-1]))
     seen += ks[0][-1].shape[0]

@@ -49,6 +49,7 @@ def prefill(model: nnx.Module, tokens: jnp.ndarray, mesh_size: int):
   if mesh is None:
     logits, views = body(params, rest, tokens, jnp.arange(t))
   else:
+    params, rest = mesh_lib.replicate((params, rest), mesh)
     run = mesh_lib.sequence_parallel(body, mesh, in_seq_dims=(None, None, 1, 0),
                                      out_seq_dims=(1, 0))
     logits, views = jax.jit(run)(params, rest, tokens, jnp.arange(t))
@@ -86,7 +87,7 @@ def generate(model: nnx.Module, prompt: list[int], max_new_tokens: int, *, mesh_
   logits, views = prefill(model, tokens, mesh_size)
   device = (n - 1) // (padded // mesh_size)
   cache = _pad_cache(views, device, context)
-  step = _decode_step(model)
+  step = _decode_step(model, jax.devices()[device])
   last = jax.device_put(logits[:, n - 1], jax.devices()[device])
   key = key if key is not None else jax.random.PRNGKey(0)
   for i in range(max_new_tokens):
@@ -105,8 +106,9 @@ def _sample(logits, temperature, key):
   return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
 
 
-def _decode_step(model) -> Callable:
+def _decode_step(model, device) -> Callable:
   graphdef, state = nnx.split(model)
+  state = jax.device_put(state, device)
 
   @jax.jit
   def step(tokens, positions, cache):

@@ -92,19 +92,20 @@ def init_codebook(key: jax.Array, dim: int, groups: int, size: int,
   )
 
 
-def _sq_distances(xg: jnp.ndarray, entries: jnp.ndarray) -> jnp.ndarray:
-  """Squared distances [..., G, K] between groups [..., G, d] and entries [G, K, d]."""
-  xg = xg.astype(jnp.float32)
-  cross = jnp.einsum("...gd,gkd->...gk", xg, entries,
-                     precision=jax.lax.Precision.HIGHEST)
-  return (jnp.sum(xg * xg, -1, keepdims=True) - 2.0 * cross
-          + jnp.sum(entries * entries, -1))
-
-
 def encode(x: jnp.ndarray, entries: jnp.ndarray) -> jnp.ndarray:
-  """Nearest-entry codes: x [..., D], entries [G, K, d] -> int32 [..., G]."""
-  xg = split_groups(x, entries.shape[0])
-  return jnp.argmin(_sq_distances(xg, entries), axis=-1).astype(jnp.int32)
+  """Nearest-entry codes: x [..., D], entries [G, K, d] -> int32 [..., G].
+
+  argmin_k |x_g - e_gk|^2 = argmin_k (|e_gk|^2 - 2 x_g . e_gk): the |x_g|^2 term
+  is dropped, and the groups lead so the cross term is one batched matmul.
+  """
+  groups = entries.shape[0]
+  lead = x.shape[:-1]
+  xg = jnp.moveaxis(split_groups(x, groups).reshape(-1, groups, x.shape[-1] // groups), 1, 0)
+  cross = jnp.einsum("gnd,gkd->gnk", xg.astype(jnp.float32), entries,
+                     precision=jax.lax.Precision.HIGHEST)
+  dist = jnp.sum(entries * entries, -1)[:, None, :] - 2.0 * cross
+  codes = jnp.argmin(dist, axis=-1).astype(jnp.int32)  # [G, N]
+  return codes.T.reshape(*lead, groups)
 
 
 def decode(codes: jnp.ndarray, entries: jnp.ndarray) -> jnp.ndarray:
@@ -132,13 +133,14 @@ def _psum(x, axis_name: AxisNames):
 def assignment_stats(x: jnp.ndarray, codes: jnp.ndarray, entries: jnp.ndarray,
                      axis_name: AxisNames = None):
   """Counts [G,K], sums [G,K,d] and residual sq. sum [G] of a batch, summed over the mesh."""
-  groups, size, _ = entries.shape
+  groups, size, d = entries.shape
   xg = split_groups(x, groups).astype(jnp.float32)
-  xg = xg.reshape(-1, *xg.shape[-2:])  # [N, G, d]
+  xg = xg.reshape(-1, groups, d)  # [N, G, d]
   codes = codes.reshape(-1, groups)
-  onehot = jax.nn.one_hot(codes, size, dtype=jnp.float32)  # [N, G, K]
-  counts = onehot.sum(0)
-  sums = jnp.einsum("ngk,ngd->gkd", onehot, xg, precision=jax.lax.Precision.HIGHEST)
+  g = jnp.broadcast_to(jnp.arange(groups), codes.shape)
+  # scatter-adds: O(N G d), where a one-hot [N, G, K] would cost O(N G K)
+  counts = jnp.zeros((groups, size), jnp.float32).at[g, codes].add(1.0)
+  sums = jnp.zeros((groups, size, d), jnp.float32).at[g, codes].add(xg)
   resid = xg - entries[jnp.arange(groups), codes]
   resid_sq = jnp.sum(resid * resid, axis=(0, 2))
   n_elems = jnp.asarray(xg.shape[0] * xg.shape[2], jnp.float32)
@@ -185,9 +187,11 @@ def reseed_dead(key: jax.Array, cb: Codebook, threshold: float = 0.01,
   dead = dead_mask(cb, threshold)
   groups, size, d = cb.entries.shape
   k_pick, k_jit = jax.random.split(key)
-  logits = jnp.log(cb.ema_count + 1e-12)
-  donors = jax.random.categorical(k_pick, logits[:, None, :], axis=-1,
-                                  shape=(groups, size))  # [G, K]
+  # inverse-CDF sampling of donors by usage: O(G K log K), not a [G, K, K] Gumbel draw
+  cdf = jnp.cumsum(cb.ema_count, -1)
+  u = jax.random.uniform(k_pick, (groups, size)) * cdf[:, -1:]
+  donors = jax.vmap(lambda c, x: jnp.searchsorted(c, x, side="right"))(cdf, u)
+  donors = donors.clip(0, size - 1)  # [G, K]
   donor_entries = jnp.take_along_axis(cb.entries, donors[..., None], axis=1)
   std = jnp.sqrt(cb.resid_var + 1e-12)[:, None, None]
   fresh = donor_entries + jitter * std * jax.random.normal(k_jit, cb.entries.shape)

@@ -74,3 +74,39 @@ class MetricsLog:
     row.update({k: float(v) if hasattr(v, "__float__") else v for k, v in values.items()})
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
+
+
+def resume(ckpt, state: TrainState, workdir: str) -> TrainState:
+  """The latest checkpoint in ``ckpt`` if there is one, else ``state``."""
+  start = ckpt.latest_step()
+  if start is None:
+    return state
+  state = ckpt.restore(jax.eval_shape(lambda: state))
+  print(f"resuming from step {start} in {workdir}", flush=True)
+  return state
+
+
+def fit(step_fn: Callable, state: TrainState, *, total: int,
+        batch_fn: Callable[[int], tuple[Any, Any]], ckpt, log: MetricsLog,
+        log_every: int, items_per_step: int, desc: str = "train") -> TrainState:
+  """Runs steps ``state.step .. total-1`` with a progress bar, logs and checkpoints.
+
+  ``batch_fn(step) -> (inputs, targets)`` must be a pure function of the step
+  (so a resumed run sees the same data).  Ends with a checkpoint at ``total``.
+  """
+  from tqdm import tqdm
+
+  bar = tqdm(range(int(state.step), total), initial=int(state.step), total=total,
+             desc=desc, unit="step")
+  for step in bar:
+    inputs, targets = batch_fn(step)
+    state, metrics = step_fn(state, inputs, targets)
+    if (step + 1) % log_every == 0 or step + 1 == total:
+      m = jax.device_get(metrics)
+      bar.set_postfix({k: f"{m[k]:.3f}" for k in ("loss", "accuracy") if k in m})
+      log.write(step + 1, items_per_s=(bar.format_dict["rate"] or 0.0) * items_per_step, **m)
+    ckpt.save(step + 1, state)
+  if ckpt.latest_step() != total:
+    ckpt.save(total, state, force=True)
+  ckpt.wait()
+  return state

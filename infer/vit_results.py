@@ -3,7 +3,7 @@
   python -m infer.vit_results                      # default ViT, Fashion-MNIST, mesh 4
 
 Trains the exact model (the main job), fine-tunes ASTRA variants from it with
-``--init-from`` (G=32/16/1 at K=1024, with and without noise augmentation,
+``--init-from`` (``--finetune-steps``, default 200 steps of 128 images) (G=32/16/1 at K=1024, with and without noise augmentation,
 distributed vs single class token, and k-means only without fine-tuning),
 evaluates each with ``infer.vit`` and writes ``results/vit_fashion_mnist.json``
 plus the table between the markers in RESULTS.md.  Runs that already finished
@@ -45,7 +45,8 @@ def parse(argv):
                  help="the exact run to start from (default ROOT/exact; e.g. workdir/vit, "
                       "the main job's run); trained or resumed as needed")
   p.add_argument("--mesh", type=int, default=4)
-  p.add_argument("--finetune-epochs", type=int, default=1)
+  p.add_argument("--finetune-steps", type=int, default=200,
+                 help="ASTRA fine-tuning steps from the exact run (batch 128)")
   p.add_argument("--finetune-lr", type=float, default=5e-4)
   p.add_argument("--data-dir", default=None)
   p.add_argument("--only", nargs="*", default=None, help="variant names to run (default all)")
@@ -58,7 +59,7 @@ def parse(argv):
 
 def _run(module, *args):
   cmd = [sys.executable, "-m", module, *args]
-  print("$", " ".join(cmd[1:]), flush=True)
+  print("$ python", " ".join(cmd[1:]), flush=True)
   proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
   if proc.returncode:
     raise SystemExit(f"error: {' '.join(cmd[2:])} failed with exit code {proc.returncode}")
@@ -95,7 +96,7 @@ def main(argv=None):
       continue
     run_dir = os.path.join(args.root, name)
     _run("train.vit", mesh, f"--workdir={run_dir}", f"--init-from={exact_dir}",
-         "--config.exchange=vq", f"--config.epochs={args.finetune_epochs}",
+         "--config.exchange=vq", "--config.epochs=1", f"--max-steps={args.finetune_steps}",
          f"--config.lr={args.finetune_lr}", "--config.warmup_steps=50",
          *overrides, *train_flags, *data, *args.extra)
     rows.append(dict(_run("infer.vit", f"--workdir={run_dir}", mesh, *data),

@@ -37,7 +37,6 @@ def main(argv=None):
   import numpy as np
   import optax
   from flax import nnx
-  from tqdm import tqdm
   from astra_jax import apply, calibrate, checkpoint, config, training, workdir
   from astra_jax import mesh as mesh_lib
   from astra_jax.data import images as data
@@ -54,37 +53,38 @@ def main(argv=None):
     mesh = mesh_lib.make_seq_mesh(args.mesh) if args.mesh > 1 else None
     ckpt = checkpoint.Checkpointer(workdir.checkpoint_dir(args.workdir),
                                    save_every=cfg.checkpoint_every)
-    start = ckpt.latest_step()
-    if args.init_from and start is None:
+    positions = jnp.arange(model_cfg.num_patches)
+    steps_per_epoch = len(train_split.labels) // cfg.batch_size
+
+    def batch(step):
+      epoch, index = divmod(step, steps_per_epoch)  # one permutation per epoch
+      order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_split.labels))
+      idx = order[index * cfg.batch_size:(index + 1) * cfg.batch_size]
+      images = train_split.images[idx]
+      if cfg.augment:
+        images = data.augment_flip_crop(images, np.random.default_rng([cfg.seed, step]))
+      return ((task.prepare(images, cfg, model_cfg.patch), positions),
+              jnp.asarray(train_split.labels[idx]))
+
+    if args.init_from and ckpt.latest_step() is None:
       _, _, model = task.restore_trained(args.init_from, model_cfg)
       if cfg.exchange == "vq":
-        calib_batches = ((task.prepare(x, cfg, model_cfg.patch),
-                          jnp.arange(model_cfg.num_patches)) for x, _ in data.batches(
-                              train_split, 64, rng=np.random.default_rng(cfg.seed),
-                              drop_remainder=True))
-        calibrate.kmeans_codebooks(model, calib_batches, jax.random.PRNGKey(cfg.seed),
+        calib = (batch(steps_per_epoch * 10**6 + i)[0] for i in range(steps_per_epoch))
+        calibrate.kmeans_codebooks(model, calib, jax.random.PRNGKey(cfg.seed),
                                    max_tokens=cfg.get("kmeans_tokens", 4096))
-        print(f"codebooks initialised by k-means on {args.init_from}'s K/V")
+        print(f"codebooks initialised by k-means on {args.init_from}'s K/V", flush=True)
     else:
       model = task.build(model_cfg, cfg.seed)
+    total = steps_per_epoch * cfg.epochs
+    if args.max_steps is not None:
+      total = min(total, args.max_steps)
+    tx = training.make_optimizer(lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 warmup_steps=cfg.warmup_steps, total_steps=total)
+    graphdef, params, rest = apply.split_model(model)
+    state = training.resume(ckpt, training.init_state(params, rest, tx), args.workdir)
   except ValueError as e:
     cli.fail(str(e))
   workdir.save_config(args.workdir, cfg)
-  graphdef, params, rest = apply.split_model(model)
-
-  steps_per_epoch = len(train_split.labels) // cfg.batch_size
-  total = steps_per_epoch * cfg.epochs
-  if args.max_steps is not None:
-    total = min(total, args.max_steps)
-  tx = training.make_optimizer(lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               warmup_steps=cfg.warmup_steps, total_steps=total)
-  state = training.init_state(params, rest, tx)
-  if start is not None:
-    try:
-      state = ckpt.restore(jax.eval_shape(lambda: state))
-    except ValueError as e:
-      cli.fail(str(e))
-    print(f"resuming from step {start} in {args.workdir}")
   state = mesh_lib.replicate(state, mesh)
 
   def loss_fn(logits, labels):
@@ -94,29 +94,8 @@ def main(argv=None):
   step_fn = training.make_train_step(
       apply.sequence_apply(graphdef, mesh, in_seq_dims=(1, 0), train=True), loss_fn, tx)
   log = training.MetricsLog(args.workdir)
-  positions = jnp.arange(model_cfg.num_patches)
-  order, order_epoch = None, None
-  bar = tqdm(range(int(state.step), total), initial=int(state.step), total=total,
-             desc="train", unit="step")
-  for step in bar:
-    epoch, index = divmod(step, steps_per_epoch)
-    if order_epoch != epoch:  # one permutation per epoch, the same after a resume
-      order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_split.labels))
-      order_epoch = epoch
-    idx = order[index * cfg.batch_size:(index + 1) * cfg.batch_size]
-    images = train_split.images[idx]
-    if cfg.augment:
-      images = data.augment_flip_crop(images, np.random.default_rng([cfg.seed, step]))
-    state, metrics = step_fn(state, (task.prepare(images, cfg, model_cfg.patch), positions),
-                             jnp.asarray(train_split.labels[idx]))
-    if (step + 1) % cfg.log_every == 0 or step + 1 == total:
-      m = jax.device_get(metrics)
-      bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.3f}")
-      log.write(step + 1, epoch=epoch, images_per_s=(bar.format_dict["rate"] or 0.0) * cfg.batch_size, **m)
-    ckpt.save(step + 1, state)
-  if ckpt.latest_step() != total:
-    ckpt.save(total, state, force=True)
-  ckpt.wait()
+  state = training.fit(step_fn, state, total=total, batch_fn=batch, ckpt=ckpt, log=log,
+                       log_every=cfg.log_every, items_per_step=cfg.batch_size)
   ckpt.close()
 
   model = nnx.merge(graphdef, state.params, state.rest)

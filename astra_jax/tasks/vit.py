@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from astra_jax import apply, checkpoint, exchange, mesh as mesh_lib, training, traffic, workdir
+from astra_jax import apply, exchange, mesh as mesh_lib, training, traffic, workdir
 from astra_jax.data import images as data
 from astra_jax.models import vit
 
@@ -56,16 +56,12 @@ def restore_trained(run: str, target: vit.ViTConfig | None = None,
     raise ValueError(f"{run} holds a {trained.variant} model for {trained.image_size}px "
                      f"images; the requested model is {target.variant} at "
                      f"{target.image_size}px: use the same variant/image_size")
-  abstract = nnx.eval_shape(lambda: build(trained))
-  _, params, rest = apply.split_model(abstract)
-  # the optimizer's state structure does not depend on its schedule's values
   tx = training.make_optimizer(lr=cfg.lr, weight_decay=cfg.weight_decay,
                                warmup_steps=cfg.warmup_steps, total_steps=2)
-  state = jax.eval_shape(lambda: training.init_state(params, rest, tx))
-  state = checkpoint.restore_state(workdir.checkpoint_dir(run), state, step)
-  graphdef, _, fresh_rest = apply.split_model(build(target))
-  rest = state.rest if target.exchange == trained.exchange else fresh_rest
-  return cfg, target, nnx.merge(graphdef, state.params, rest)
+  model = workdir.restore_model(
+      run, lambda: build(trained), lambda: build(target),
+      lambda p, r: training.init_state(p, r, tx), target.exchange == trained.exchange, step)
+  return cfg, target, model
 
 
 def evaluate(model: nnx.Module, cfg, model_cfg: vit.ViTConfig, split: data.ImageSplit,

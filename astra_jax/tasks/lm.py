@@ -1,0 +1,96 @@
+"""Causal language modelling (GPT-2 family): model from a config, data, perplexity."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from astra_jax import apply, exchange, mesh as mesh_lib, training, traffic, workdir
+from astra_jax.data import text as text_lib
+from astra_jax.models import gpt2
+
+
+def model_config(cfg: ml_collections.ConfigDict, exchange_name: str | None = None) -> gpt2.GPT2Config:
+  name = exchange_name or cfg.exchange
+  options = dict(cfg.vq) if name == "vq" else {}
+  return gpt2.GPT2Config(variant=cfg.variant, vocab_size=cfg.vocab_size, context=cfg.context,
+                         exchange=exchange.make_exchange(name, **options))
+
+
+def build(model_cfg: gpt2.GPT2Config, seed: int = 0) -> gpt2.GPT2:
+  return gpt2.GPT2(model_cfg, rngs=nnx.Rngs(seed))
+
+
+def make_optimizer(cfg, total_steps: int):
+  return training.make_optimizer(lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 warmup_steps=cfg.warmup_steps, total_steps=total_steps)
+
+
+def restore_trained(run: str, target: gpt2.GPT2Config | None = None, step: int | None = None):
+  """(cfg, GPT2Config, model) from a run; ``target`` may change only the exchange."""
+  cfg = workdir.load_config(run)
+  trained = model_config(cfg)
+  target = target or trained
+  if dataclasses.replace(target, exchange=trained.exchange) != trained:
+    raise ValueError(f"{run} holds GPT-2 {trained.variant} (vocab {trained.vocab_size}, "
+                     f"context {trained.context}); the requested model differs in more than "
+                     "the exchange")
+  tx = make_optimizer(cfg, 2)
+  model = workdir.restore_model(
+      run, lambda: build(trained), lambda: build(target),
+      lambda p, r: training.init_state(p, r, tx), target.exchange == trained.exchange, step)
+  return cfg, target, model
+
+
+def lm_loss(logits, targets):
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+  return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == targets)}
+
+
+def token_ids(text: str, tokenizer) -> np.ndarray:
+  return np.asarray(tokenizer.encode(text), np.int32)
+
+
+def evaluate(model: nnx.Module, cfg, model_cfg: gpt2.GPT2Config, ids: np.ndarray,
+             mesh_size: int, batch_size: int, windows: int | None) -> dict:
+  """Validation perplexity at ``mesh_size`` devices and bytes per device (HLO)."""
+  mesh_lib.check_divisible(cfg.context, mesh_size, what="context")
+  graphdef, params, rest = apply.split_model(model)
+  mesh = mesh_lib.make_seq_mesh(mesh_size) if mesh_size > 1 else None
+  params, rest = mesh_lib.replicate((params, rest), mesh)
+  fn = jax.jit(apply.sequence_apply(graphdef, mesh, in_seq_dims=(1, 0), train=False,
+                                    out_seq_dim=1))
+  positions = jnp.arange(cfg.context)
+
+  @jax.jit
+  def nll(logits, targets):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum()
+
+  total, count = 0.0, 0
+  for inputs, targets in text_lib.eval_windows(ids, batch_size, cfg.context, windows):
+    logits, _, _ = fn(params, rest, jnp.asarray(inputs), positions)
+    total += float(nll(logits, jnp.asarray(targets)))
+    count += targets.size
+  one = jax.ShapeDtypeStruct((1, cfg.context), jnp.int32)
+  report = traffic.compiled_traffic(fn, params, rest, one, positions)
+  ex = model_cfg.exchange
+  width, layers, _ = model_cfg.sizes
+  loss = total / count
+  return {
+      "perplexity": math.exp(loss), "loss": loss, "tokens": count,
+      "exchange": ex.name, "mesh": mesh_size,
+      "groups": getattr(ex, "groups", None), "codebook_size": getattr(ex, "codebook_size", None),
+      "bits_per_token": 8 * ex.bytes_per_token(width, jnp.float32),
+      "bytes_per_device": report.bytes_per_device,
+      "bytes_per_device_formula": traffic.sequence_parallel_bytes(
+          ex, layers=layers, batch=1, tokens_per_device=cfg.context // mesh_size,
+          kv_dim=width, dtype=jnp.float32, mesh_size=mesh_size),
+      "variant": model_cfg.variant, "context": cfg.context,
+  }

@@ -1,0 +1,104 @@
+"""End-to-end GPT-2 CLIs on a tiny generated text with the nano model."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+TINY = ["--config.variant=nano", "--config.context=32", "--config.batch_size=4",
+        "--config.log_every=5", "--config.warmup_steps=2", "--config.eval_windows=4",
+        "--config.eval_batch_size=4", "--config.checkpoint_every=10", "--config.kmeans_tokens=256"]
+
+
+def run(module, *args, timeout=600):
+  return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                        timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def last_json(proc):
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  path = tmp_path_factory.mktemp("text") / "verse.txt"
+  lines = [f"To be, or not to be, line {i % 13}: that is the question.\n" for i in range(400)]
+  path.write_text("".join(lines))
+  return path
+
+
+@pytest.fixture(scope="module")
+def exact_run(corpus, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("gpt2_exact")
+  result = last_json(run("train.gpt2", "--mesh=2", f"--workdir={workdir}",
+                         f"--config.text={corpus}", "--config.steps=20", "--config.lr=1e-2",
+                         *TINY))
+  return workdir, result
+
+
+def test_exact_perplexity_same_on_mesh_1_and_4(exact_run):
+  workdir, trained = exact_run
+  assert trained["perplexity"] < 256  # learnt something beyond uniform bytes
+  one = last_json(run("infer.gpt2", f"--workdir={workdir}", "--mesh=1", "--eval"))
+  four = last_json(run("infer.gpt2", f"--workdir={workdir}", "--mesh=4", "--eval"))
+  assert one["perplexity"] == pytest.approx(four["perplexity"], rel=1e-5)
+  assert one["perplexity"] == pytest.approx(trained["perplexity"], rel=1e-5)
+  assert four["bytes_per_device"] == four["bytes_per_device_formula"] > 0
+  for key in ("perplexity", "loss", "exchange", "mesh", "groups", "bits_per_token",
+              "bytes_per_device", "tokens"):
+    assert key in four
+
+
+def test_vq_finetune_eval_and_generation(exact_run, corpus, tmp_path):
+  workdir, _ = exact_run
+  vq_dir = tmp_path / "vq"
+  proc = run("train.gpt2", "--mesh=4", f"--workdir={vq_dir}", f"--init-from={workdir}",
+             f"--config.text={corpus}", "--config.exchange=vq", "--config.vq.groups=4",
+             "--config.vq.codebook_size=16", "--config.steps=5", *TINY)
+  result = last_json(proc)
+  assert "k-means" in proc.stdout and result["exchange"] == "vq"
+  assert result["bits_per_token"] == 16
+  gen = run("infer.gpt2", f"--workdir={vq_dir}", "--mesh=4", "--prompt", "To be, or",
+            "--max-new-tokens", "12")
+  out = last_json(gen)
+  assert out["new_tokens"] == 12 and gen.stdout.startswith("To be, or")
+  assert out["completion"] in gen.stdout
+
+
+def test_bpe_tokenizer_from_local_files(corpus, tmp_path):
+  tokenizers = pytest.importorskip("tokenizers")
+  tok = tokenizers.ByteLevelBPETokenizer()
+  tok.train([str(corpus)], vocab_size=300, min_frequency=1, show_progress=False)
+  folder = tmp_path / "bpe"
+  folder.mkdir()
+  tok.save_model(str(folder))  # vocab.json + merges.txt, the GPT-2 layout
+  result = last_json(run("train.gpt2", "--mesh=2", f"--workdir={tmp_path / 'run'}",
+                         f"--config.text={corpus}", f"--config.tokenizer={folder}",
+                         "--config.steps=3", *TINY))
+  cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert cfg["vocab_size"] == tok.get_vocab_size() and result["tokens"] > 0
+
+
+def test_bad_input_gives_clear_errors(exact_run, corpus, tmp_path):
+  workdir, _ = exact_run
+  (tmp_path / "empty").mkdir()
+  cases = [
+      (["infer.gpt2", f"--workdir={workdir}", "--mesh=2", "--prompt", "x" * 40,
+        "--max-new-tokens", "5"], "exceeds the model's context of 32"),
+      (["train.gpt2", "--mesh=3", f"--workdir={tmp_path}/a", f"--config.text={corpus}", *TINY],
+       "context length 32 is not divisible by the mesh size 3"),
+      (["train.gpt2", "--mesh=2", f"--workdir={tmp_path}/b", f"--config.text={corpus}",
+        f"--config.tokenizer={tmp_path}/empty", *TINY], "no tokenizer files"),
+      (["train.gpt2", "--mesh=2", f"--workdir={tmp_path}/c", f"--config.text={tmp_path}/nope",
+        *TINY], "does not exist"),
+      (["infer.gpt2", f"--workdir={workdir}", "--mesh=2", "--exchange=vq", "--eval"],
+       "has no codebooks"),
+      (["infer.gpt2", f"--workdir={workdir}", "--mesh=2"], "nothing to do"),
+  ]
+  for args, message in cases:
+    proc = run(*args)
+    assert proc.returncode == 2, (args, proc.stderr[-2000:])
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -1,0 +1,92 @@
+"""Train a GPT-2 language model sequence-parallel: ``python -m train.gpt2 --mesh=4``.
+
+  --config NAME      a module in configs/ (default gpt2_shakespeare)
+  --workdir DIR      config.json, checkpoints/, metrics.jsonl; rerunning resumes
+  --init-from DIR    start from another run's weights (ASTRA fine-tuning with
+                     --config.exchange=vq: k-means codebooks from its own K/V)
+  --config.KEY=VAL   typed overrides, e.g. --config.steps=300 --config.vq.groups=16
+
+The last line printed is one JSON object with the validation perplexity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from astra_jax import cli
+
+
+def parse(argv):
+  p = argparse.ArgumentParser(description="Train GPT-2 with ASTRA sequence parallelism.")
+  p.add_argument("--config", default="gpt2_shakespeare")
+  p.add_argument("--mesh", type=int, default=4, help="devices on the seq axis")
+  p.add_argument("--workdir", default="workdir/gpt2")
+  p.add_argument("--init-from", default=None, help="run folder whose weights to start from")
+  p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+  return p.parse_known_args(argv)
+
+
+def main(argv=None):
+  args, overrides = parse(sys.argv[1:] if argv is None else argv)
+  cli.ensure_cpu_devices(args.mesh)
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from astra_jax import apply, calibrate, checkpoint, config, training, workdir
+  from astra_jax import mesh as mesh_lib
+  from astra_jax.data import text as text_lib
+  from astra_jax.tasks import lm
+
+  try:
+    cfg = config.load(args.config, overrides)
+    tokenizer = text_lib.load_tokenizer(cfg.tokenizer)
+    cfg.vocab_size = int(tokenizer.vocab_size)
+    train_text, valid_text = text_lib.load_splits(cfg.text)
+    train_ids, valid_ids = lm.token_ids(train_text, tokenizer), lm.token_ids(valid_text, tokenizer)
+    model_cfg = lm.model_config(cfg)
+    mesh_lib.check_divisible(cfg.context, args.mesh, what="context")
+    mesh = mesh_lib.make_seq_mesh(args.mesh) if args.mesh > 1 else None
+    ckpt = checkpoint.Checkpointer(workdir.checkpoint_dir(args.workdir),
+                                   save_every=cfg.checkpoint_every)
+    positions = jnp.arange(cfg.context)
+
+    def batch(step):
+      rng = np.random.default_rng([cfg.seed, step])
+      inputs, targets = text_lib.random_windows(train_ids, cfg.batch_size, cfg.context, rng)
+      return (jnp.asarray(inputs), positions), jnp.asarray(targets)
+
+    if args.init_from and ckpt.latest_step() is None:
+      _, _, model = lm.restore_trained(args.init_from, model_cfg)
+      if cfg.exchange == "vq":
+        calib = (batch(10**9 + i)[0] for i in range(10**6))  # windows unused by training
+        calibrate.kmeans_codebooks(model, calib, jax.random.PRNGKey(cfg.seed),
+                                   max_tokens=cfg.kmeans_tokens)
+        print(f"codebooks initialised by k-means on {args.init_from}'s K/V", flush=True)
+    else:
+      model = lm.build(model_cfg, cfg.seed)
+    total = cfg.steps if args.max_steps is None else min(cfg.steps, args.max_steps)
+    tx = lm.make_optimizer(cfg, total)
+    graphdef, params, rest = apply.split_model(model)
+    state = training.resume(ckpt, training.init_state(params, rest, tx), args.workdir)
+  except ValueError as e:
+    cli.fail(str(e))
+  workdir.save_config(args.workdir, cfg)
+  state = mesh_lib.replicate(state, mesh)
+  step_fn = training.make_train_step(
+      apply.sequence_apply(graphdef, mesh, in_seq_dims=(1, 0), train=True, out_seq_dim=1),
+      lm.lm_loss, tx)
+  state = training.fit(step_fn, state, total=total, batch_fn=batch, ckpt=ckpt,
+                       log=training.MetricsLog(args.workdir), log_every=cfg.log_every,
+                       items_per_step=cfg.batch_size * cfg.context)
+  ckpt.close()
+  from flax import nnx
+  model = nnx.merge(graphdef, state.params, state.rest)
+  result = lm.evaluate(model, cfg, model_cfg, valid_ids, args.mesh, cfg.eval_batch_size,
+                       cfg.eval_windows)
+  training.MetricsLog(args.workdir).write(total, valid_perplexity=result["perplexity"])
+  cli.print_result(dict(result, steps=total, workdir=args.workdir))
+
+
+if __name__ == "__main__":
+  main()
