@@ -21,6 +21,22 @@ def ensure_cpu_devices(n: int) -> None:
   os.environ["JAX_NUM_CPU_DEVICES"] = str(max(have, n))
 
 
+def train_args(argv, *, description: str, config: str, workdir: str, extra=None):
+  """The train CLIs' flags (``extra(parser)`` adds more); returns (args, overrides).
+
+  The overrides are the remaining ``--config.KEY=VAL`` arguments.
+  """
+  p = argparse.ArgumentParser(description=description)
+  if extra:
+    extra(p)
+  p.add_argument("--config", default=config, help="a module in configs/ with get_config()")
+  p.add_argument("--mesh", type=int, default=4, help="devices on the seq axis")
+  p.add_argument("--workdir", default=workdir)
+  p.add_argument("--init-from", default=None, help="run folder whose weights to start from")
+  p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+  return p.parse_known_args(argv)
+
+
 def add_exchange_flags(parser: argparse.ArgumentParser) -> None:
   g = parser.add_argument_group("exchange (how K/V cross devices)")
   g.add_argument("--exchange", default="exact", help="strategy name: exact | vq")

@@ -10,6 +10,8 @@ validation.  Cost and perplexity are recorded by ``python -m infer.gpt2_results`
 
 import ml_collections
 
+from configs import common
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -19,9 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.variant = "micro"
   c.context = 256  # training window and position-embedding length
   c.exchange = "exact"
-  c.vq = ml_collections.ConfigDict(dict(
-      groups=32, codebook_size=1024, commitment=2.5e-4, noise_scale=1.0,
-      ema_decay=0.99, dead_threshold=0.01))
+  c.vq = common.vq_defaults()
   c.steps = 2000
   c.batch_size = 16
   c.lr = 3e-3

@@ -11,6 +11,8 @@ ViT issue; this config is the bundled default, not a tuned result yet.
 
 import ml_collections
 
+from configs import common
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -21,9 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.variant = "mu/7"
   c.class_token = "distributed"
   c.exchange = "exact"
-  c.vq = ml_collections.ConfigDict(dict(
-      groups=32, codebook_size=1024, commitment=2.5e-4, noise_scale=1.0,
-      ema_decay=0.99, dead_threshold=0.01))
+  c.vq = common.vq_defaults()
   c.augment = False  # random crop (pad 2) + flip: slower to converge in a short run
   c.epochs = 9
   c.batch_size = 128

@@ -1,25 +1,14 @@
 """End-to-end GPT-2 CLIs on a tiny generated text with the nano model."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+
+from cli_helpers import assert_clean_errors, last_json, run
 
 TINY = ["--config.variant=nano", "--config.context=32", "--config.batch_size=4",
         "--config.log_every=5", "--config.warmup_steps=2", "--config.eval_windows=4",
         "--config.eval_batch_size=4", "--config.checkpoint_every=10", "--config.kmeans_tokens=256"]
-
-
-def run(module, *args, timeout=600):
-  return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                        timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-
-
-def last_json(proc):
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +87,4 @@ def test_bad_input_gives_clear_errors(exact_run, corpus, tmp_path):
        "has no codebooks"),
       (["infer.gpt2", f"--workdir={workdir}", "--mesh=2"], "nothing to do"),
   ]
-  for args, message in cases:
-    proc = run(*args)
-    assert proc.returncode == 2, (args, proc.stderr[-2000:])
-    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert_clean_errors(cases)

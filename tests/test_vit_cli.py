@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli_helpers import assert_clean_errors, last_json, run
+
 from test_data_images import idx_bytes
 
 TINY = ["--config.variant=mu/4", "--config.image_size=16", "--config.batch_size=8", "--config.log_every=1",
@@ -28,16 +30,6 @@ def _write_dataset(folder: Path, n_train=64, n_test=32):
     (folder / f"{prefix}-images-idx3-ubyte").write_bytes(idx_bytes(images))
     (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
   return folder
-
-
-def run(module, *args, timeout=600):
-  return subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
-                        text=True, timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-
-
-def last_json(proc):
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -129,10 +121,7 @@ def test_bad_input_gives_clear_errors(exact_run, data_dir, tmp_path):
       (["infer.vit", f"--workdir={workdir}", "--mesh=2", "--exchange=vq",
         f"--data-dir={data_dir}"], "has no codebooks; fine-tune"),
   ]
-  for args, message in cases:
-    proc = run(*args)
-    assert proc.returncode == 2, (args, proc.stderr[-2000:])
-    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert_clean_errors(cases)
 
 
 def test_corrupt_checkpoint_is_named(exact_run, data_dir, tmp_path):

@@ -11,24 +11,15 @@ The last line printed is one JSON object with the validation perplexity.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from astra_jax import cli
 
 
-def parse(argv):
-  p = argparse.ArgumentParser(description="Train GPT-2 with ASTRA sequence parallelism.")
-  p.add_argument("--config", default="gpt2_shakespeare")
-  p.add_argument("--mesh", type=int, default=4, help="devices on the seq axis")
-  p.add_argument("--workdir", default="workdir/gpt2")
-  p.add_argument("--init-from", default=None, help="run folder whose weights to start from")
-  p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-  return p.parse_known_args(argv)
-
-
 def main(argv=None):
-  args, overrides = parse(sys.argv[1:] if argv is None else argv)
+  args, overrides = cli.train_args(
+      sys.argv[1:] if argv is None else argv, config="gpt2_shakespeare",
+      workdir="workdir/gpt2", description="Train GPT-2 with ASTRA sequence parallelism.")
   cli.ensure_cpu_devices(args.mesh)
   import jax
   import jax.numpy as jnp

@@ -12,25 +12,17 @@ The last line printed is one JSON object with the test accuracy.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from astra_jax import cli
 
 
-def parse(argv):
-  p = argparse.ArgumentParser(description="Train a ViT with ASTRA sequence parallelism.")
-  p.add_argument("--config", default="vit_fashion_mnist")
-  p.add_argument("--mesh", type=int, default=4, help="devices on the seq axis")
-  p.add_argument("--workdir", default="workdir/vit")
-  p.add_argument("--data-dir", default=None, help="folder with the dataset files")
-  p.add_argument("--init-from", default=None, help="run folder whose weights to start from")
-  p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-  return p.parse_known_args(argv)
-
-
 def main(argv=None):
-  args, overrides = parse(sys.argv[1:] if argv is None else argv)
+  args, overrides = cli.train_args(
+      sys.argv[1:] if argv is None else argv, config="vit_fashion_mnist",
+      workdir="workdir/vit", description="Train a ViT with ASTRA sequence parallelism.",
+      extra=lambda p: p.add_argument("--data-dir", default=None,
+                                     help="folder with the dataset files"))
   cli.ensure_cpu_devices(args.mesh)
   import jax
   import jax.numpy as jnp
