@@ -9,7 +9,7 @@ layer for K and one for V.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,5 @@
 """Sequence-parallel attention against a dense single-device reference."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 
 import einops
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
