@@ -41,7 +41,7 @@ def sequence_apply(graphdef, mesh: Mesh | None, *, in_seq_dims: Sequence[int | N
     losses = nnx.state(model, attention.ExchangeLoss)
     aux = sum(jax.tree.leaves(losses), jnp.zeros((), jnp.float32))
     model.eval()
-    _, _, new_rest = nnx.split(model, nnx.Param, ...)
+    _, _, new_rest = split_model(model)
     return outputs, new_rest, aux
 
   if mesh is None:

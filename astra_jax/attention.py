@@ -134,3 +134,8 @@ class SequenceAttention(nnx.Module):
     if self.record_kv:
       self.recorded = RecordedKV((k[:, self.private:], v[:, self.private:], ex.k, ex.v))
     return out
+
+
+def attention_layers(model: nnx.Module) -> list[SequenceAttention]:
+  """The model's SequenceAttention layers, in module order."""
+  return [m for _, m in nnx.iter_modules(model) if isinstance(m, SequenceAttention)]

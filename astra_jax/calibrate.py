@@ -16,13 +16,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from astra_jax import quantizer as vq
-from astra_jax.attention import SequenceAttention
+from astra_jax.attention import attention_layers
 from astra_jax.exchange import VQExchange, VQState
 
 
 def record_kv(model: nnx.Module, batches: Iterable[tuple], max_tokens: int) -> list[tuple]:
   """Runs ``model(*batch)`` on one device; returns per-layer ([N, D] keys, [N, D] values)."""
-  layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, SequenceAttention)]
+  layers = attention_layers(model)
   if not layers:
     raise ValueError("the model has no SequenceAttention layers to calibrate")
   ks: list[list] = [[] for _ in layers]
@@ -50,7 +50,7 @@ def record_kv(model: nnx.Module, batches: Iterable[tuple], max_tokens: int) -> l
 def kmeans_codebooks(model: nnx.Module, batches: Iterable[tuple], key: jax.Array, *,
                      max_tokens: int = 4096, iters: int = 10) -> None:
   """Sets every VQ layer's codebooks by k-means on ``model``'s own K/V (in place)."""
-  layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, SequenceAttention)]
+  layers = attention_layers(model)
   exchanges = {type(m.exchange) for m in layers}
   if exchanges != {VQExchange}:
     raise ValueError(f"k-means calibration needs vq exchanges, the model has {exchanges}")

@@ -20,10 +20,6 @@ from flax import nnx
 from astra_jax import apply, attention, mesh as mesh_lib
 
 
-def _layers(model):
-  return [m for _, m in nnx.iter_modules(model) if isinstance(m, attention.SequenceAttention)]
-
-
 def prefill(model: nnx.Module, tokens: jnp.ndarray, mesh_size: int):
   """tokens [B, T] (T % mesh_size == 0) -> (logits [B, T, V], views).
 
@@ -32,18 +28,19 @@ def prefill(model: nnx.Module, tokens: jnp.ndarray, mesh_size: int):
   exchange delivered them).
   """
   graphdef, params, rest = apply.split_model(model)
-  mesh = mesh_lib.make_seq_mesh(mesh_size) if mesh_size > 1 else None
+  mesh = mesh_lib.seq_mesh_or_none(mesh_size)
   t = tokens.shape[1]
   mesh_lib.check_divisible(t, mesh_size, what="prompt")
 
   def body(params, rest, tokens, positions):
     m = nnx.merge(graphdef, params, rest, copy=True)
     m.eval()
-    for layer in _layers(m):
+    for layer in attention.attention_layers(m):
       layer.record_kv = True
     logits = m(tokens, positions)
     # [1, B, T, H, Dh] per device -> [P, B, T, H, Dh] across the mesh
-    views = [tuple(x[None] for x in layer.recorded.get_value()[2:]) for layer in _layers(m)]
+    views = [tuple(x[None] for x in layer.recorded.get_value()[2:])
+             for layer in attention.attention_layers(m)]
     return logits, views
 
   if mesh is None:

@@ -75,6 +75,11 @@ def make_seq_mesh(num_devices: int, axis: str = SEQ_AXIS,
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
+def seq_mesh_or_none(num_devices: int) -> Mesh | None:
+  """``make_seq_mesh(n)``, or None for one device (no shard_map, no collectives)."""
+  return make_seq_mesh(num_devices) if num_devices > 1 else None
+
+
 def check_divisible(length: int, mesh_size: int, what: str = "sequence") -> int:
   """Tokens per device; ValueError with the fix when ``length % mesh_size``."""
   if length % mesh_size:

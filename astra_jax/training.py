@@ -33,6 +33,12 @@ def make_optimizer(*, lr: float, weight_decay: float, warmup_steps: int,
                      optax.adamw(schedule, weight_decay=weight_decay))
 
 
+def classification_loss(logits, labels):
+  """Mean softmax cross-entropy and accuracy; logits [..., C], integer labels [...]."""
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+
+
 def init_state(params, rest, tx) -> TrainState:
   return TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params))
 

@@ -37,7 +37,7 @@ def main(argv=None):
     train_ids, valid_ids = lm.token_ids(train_text, tokenizer), lm.token_ids(valid_text, tokenizer)
     model_cfg = lm.model_config(cfg)
     mesh_lib.check_divisible(cfg.context, args.mesh, what="context")
-    mesh = mesh_lib.make_seq_mesh(args.mesh) if args.mesh > 1 else None
+    mesh = mesh_lib.seq_mesh_or_none(args.mesh)
     ckpt = checkpoint.Checkpointer(workdir.checkpoint_dir(args.workdir),
                                    save_every=cfg.checkpoint_every)
     positions = jnp.arange(cfg.context)
@@ -66,7 +66,7 @@ def main(argv=None):
   state = mesh_lib.replicate(state, mesh)
   step_fn = training.make_train_step(
       apply.sequence_apply(graphdef, mesh, in_seq_dims=(1, 0), train=True, out_seq_dim=1),
-      lm.lm_loss, tx)
+      training.classification_loss, tx)
   state = training.fit(step_fn, state, total=total, batch_fn=batch, ckpt=ckpt,
                        log=training.MetricsLog(args.workdir), log_every=cfg.log_every,
                        items_per_step=cfg.batch_size * cfg.context)

@@ -27,7 +27,6 @@ def main(argv=None):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  import optax
   from flax import nnx
   from astra_jax import apply, calibrate, checkpoint, config, training, workdir
   from astra_jax import mesh as mesh_lib
@@ -42,7 +41,7 @@ def main(argv=None):
     cfg.num_classes = int(train_split.num_classes)
     model_cfg = task.model_config(cfg)
     task.check_mesh(model_cfg, args.mesh)
-    mesh = mesh_lib.make_seq_mesh(args.mesh) if args.mesh > 1 else None
+    mesh = mesh_lib.seq_mesh_or_none(args.mesh)
     ckpt = checkpoint.Checkpointer(workdir.checkpoint_dir(args.workdir),
                                    save_every=cfg.checkpoint_every)
     positions = jnp.arange(model_cfg.num_patches)
@@ -79,12 +78,9 @@ def main(argv=None):
   workdir.save_config(args.workdir, cfg)
   state = mesh_lib.replicate(state, mesh)
 
-  def loss_fn(logits, labels):
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
-
   step_fn = training.make_train_step(
-      apply.sequence_apply(graphdef, mesh, in_seq_dims=(1, 0), train=True), loss_fn, tx)
+      apply.sequence_apply(graphdef, mesh, in_seq_dims=(1, 0), train=True),
+      training.classification_loss, tx)
   log = training.MetricsLog(args.workdir)
   state = training.fit(step_fn, state, total=total, batch_fn=batch, ckpt=ckpt, log=log,
                        log_every=cfg.log_every, items_per_step=cfg.batch_size)

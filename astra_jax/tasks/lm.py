@@ -49,11 +49,6 @@ def restore_trained(run: str, target: gpt2.GPT2Config | None = None, step: int |
   return cfg, target, model
 
 
-def lm_loss(logits, targets):
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-  return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == targets)}
-
-
 def token_ids(text: str, tokenizer) -> np.ndarray:
   return np.asarray(tokenizer.encode(text), np.int32)
 
@@ -63,7 +58,7 @@ def evaluate(model: nnx.Module, cfg, model_cfg: gpt2.GPT2Config, ids: np.ndarray
   """Validation perplexity at ``mesh_size`` devices and bytes per device (HLO)."""
   mesh_lib.check_divisible(cfg.context, mesh_size, what="context")
   graphdef, params, rest = apply.split_model(model)
-  mesh = mesh_lib.make_seq_mesh(mesh_size) if mesh_size > 1 else None
+  mesh = mesh_lib.seq_mesh_or_none(mesh_size)
   params, rest = mesh_lib.replicate((params, rest), mesh)
   fn = jax.jit(apply.sequence_apply(graphdef, mesh, in_seq_dims=(1, 0), train=False,
                                     out_seq_dim=1))

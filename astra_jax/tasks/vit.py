@@ -69,7 +69,7 @@ def evaluate(model: nnx.Module, cfg, model_cfg: vit.ViTConfig, split: data.Image
   """Test accuracy at ``mesh_size`` devices, and bytes per device per image from HLO."""
   check_mesh(model_cfg, mesh_size)
   graphdef, params, rest = apply.split_model(model)
-  mesh = mesh_lib.make_seq_mesh(mesh_size) if mesh_size > 1 else None
+  mesh = mesh_lib.seq_mesh_or_none(mesh_size)
   params, rest = mesh_lib.replicate((params, rest), mesh)
   fn = jax.jit(apply.sequence_apply(graphdef, mesh, in_seq_dims=(1, 0), train=False))
   positions = jnp.arange(model_cfg.num_patches)
