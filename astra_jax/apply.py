@@ -48,3 +48,18 @@ def sequence_apply(graphdef, mesh: Mesh | None, *, in_seq_dims: Sequence[int | N
     return body
   return mesh_lib.sequence_parallel(body, mesh, in_seq_dims=(None, None, *in_seq_dims),
                                     out_seq_dims=(out_seq_dim, None, None))
+
+
+def inference_forward(model: nnx.Module, mesh_size: int, *, out_seq_dim: Any = None):
+  """(forward, params, rest) to evaluate ``model`` at ``mesh_size`` devices.
+
+  ``forward(params, rest, inputs, positions) -> (outputs, rest, aux)`` is
+  jitted (eval mode, no training noise); params and rest are replicated over
+  the mesh (checkpoints restore onto one device).
+  """
+  graphdef, params, rest = split_model(model)
+  mesh = mesh_lib.seq_mesh_or_none(mesh_size)
+  params, rest = mesh_lib.replicate((params, rest), mesh)
+  forward = jax.jit(sequence_apply(graphdef, mesh, in_seq_dims=(1, 0), train=False,
+                                   out_seq_dim=out_seq_dim))
+  return forward, params, rest

@@ -18,6 +18,7 @@ import re
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 COLLECTIVES = {
     "all-gather", "all-gather-start", "all-reduce", "all-reduce-start",
@@ -181,3 +182,26 @@ def sequence_parallel_bytes(exchange, *, layers: int, batch: int,
   if mesh_size == 1:
     return 0
   return layers * 2 * batch * tokens_per_device * exchange.bytes_per_token(kv_dim, dtype)
+
+
+def exchange_summary(forward: Callable[..., Any], example_args: tuple, exchange, *,
+                     width: int, layers: int, tokens: int, mesh_size: int,
+                     extra_formula_bytes: int = 0) -> dict[str, Any]:
+  """The exchange fields every evaluation reports, for one example per forward.
+
+  ``bytes_per_device`` is read from the compiled ``forward(*example_args)``;
+  ``bytes_per_device_formula`` is the K/V exchange of every layer plus
+  ``extra_formula_bytes`` (e.g. ViT's logits averaged over devices).
+  """
+  report = compiled_traffic(forward, *example_args)
+  formula = sequence_parallel_bytes(exchange, layers=layers, batch=1,
+                                    tokens_per_device=tokens // mesh_size, kv_dim=width,
+                                    dtype=jnp.float32, mesh_size=mesh_size)
+  return {
+      "exchange": exchange.name, "mesh": mesh_size,
+      "groups": getattr(exchange, "groups", None),
+      "codebook_size": getattr(exchange, "codebook_size", None),
+      "bits_per_token": 8 * exchange.bytes_per_token(width, jnp.float32),
+      "bytes_per_device": report.bytes_per_device,
+      "bytes_per_device_formula": formula + (extra_formula_bytes if mesh_size > 1 else 0),
+  }

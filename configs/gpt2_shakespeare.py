@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.context = 256  # training window and position-embedding length
   c.exchange = "exact"
   c.vq = common.vq_defaults()
-  c.steps = 2000
+  c.steps = 1200
   c.batch_size = 16
   c.lr = 3e-3
   c.weight_decay = 0.1

@@ -20,11 +20,10 @@ def main(argv=None):
   args, overrides = cli.train_args(
       sys.argv[1:] if argv is None else argv, config="gpt2_shakespeare",
       workdir="workdir/gpt2", description="Train GPT-2 with ASTRA sequence parallelism.")
-  cli.ensure_cpu_devices(args.mesh)
-  import jax
+  cli.setup_devices(args)
   import jax.numpy as jnp
   import numpy as np
-  from astra_jax import apply, calibrate, checkpoint, config, training, workdir
+  from astra_jax import checkpoint, config, recipe, training, workdir
   from astra_jax import mesh as mesh_lib
   from astra_jax.data import text as text_lib
   from astra_jax.tasks import lm
@@ -47,32 +46,20 @@ def main(argv=None):
       inputs, targets = text_lib.random_windows(train_ids, cfg.batch_size, cfg.context, rng)
       return (jnp.asarray(inputs), positions), jnp.asarray(targets)
 
-    if args.init_from and ckpt.latest_step() is None:
-      _, _, model = lm.restore_trained(args.init_from, model_cfg)
-      if cfg.exchange == "vq":
-        calib = (batch(10**9 + i)[0] for i in range(10**6))  # windows unused by training
-        calibrate.kmeans_codebooks(model, calib, jax.random.PRNGKey(cfg.seed),
-                                   max_tokens=cfg.kmeans_tokens)
-        print(f"codebooks initialised by k-means on {args.init_from}'s K/V", flush=True)
-    else:
-      model = lm.build(model_cfg, cfg.seed)
+    model = recipe.start_model(
+        init_from=args.init_from, ckpt=ckpt, build=lambda: lm.build(model_cfg, cfg.seed),
+        restore=lambda run: lm.restore_trained(run, model_cfg)[2], exchange=cfg.exchange,
+        calib_batches=lambda: (batch(10**9 + i)[0] for i in range(10**6)),  # unseen windows
+        seed=cfg.seed, kmeans_tokens=cfg.kmeans_tokens)
     total = cfg.steps if args.max_steps is None else min(cfg.steps, args.max_steps)
-    tx = lm.make_optimizer(cfg, total)
-    graphdef, params, rest = apply.split_model(model)
-    state = training.resume(ckpt, training.init_state(params, rest, tx), args.workdir)
   except ValueError as e:
     cli.fail(str(e))
-  workdir.save_config(args.workdir, cfg)
-  state = mesh_lib.replicate(state, mesh)
-  step_fn = training.make_train_step(
-      apply.sequence_apply(graphdef, mesh, in_seq_dims=(1, 0), train=True, out_seq_dim=1),
-      training.classification_loss, tx)
-  state = training.fit(step_fn, state, total=total, batch_fn=batch, ckpt=ckpt,
-                       log=training.MetricsLog(args.workdir), log_every=cfg.log_every,
-                       items_per_step=cfg.batch_size * cfg.context)
-  ckpt.close()
-  from flax import nnx
-  model = nnx.merge(graphdef, state.params, state.rest)
+  try:
+    model = recipe.train(model, lm.make_optimizer(cfg, total), cfg=cfg, run=args.workdir,
+                         mesh=mesh, ckpt=ckpt, total=total, batch_fn=batch, out_seq_dim=1,
+                         items_per_step=cfg.batch_size * cfg.context)
+  except checkpoint.CheckpointError as e:
+    cli.fail(str(e))
   result = lm.evaluate(model, cfg, model_cfg, valid_ids, args.mesh, cfg.eval_batch_size,
                        cfg.eval_windows)
   training.MetricsLog(args.workdir).write(total, valid_perplexity=result["perplexity"])

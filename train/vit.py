@@ -23,12 +23,10 @@ def main(argv=None):
       workdir="workdir/vit", description="Train a ViT with ASTRA sequence parallelism.",
       extra=lambda p: p.add_argument("--data-dir", default=None,
                                      help="folder with the dataset files"))
-  cli.ensure_cpu_devices(args.mesh)
-  import jax
+  cli.setup_devices(args)
   import jax.numpy as jnp
   import numpy as np
-  from flax import nnx
-  from astra_jax import apply, calibrate, checkpoint, config, training, workdir
+  from astra_jax import checkpoint, config, recipe, training, workdir
   from astra_jax import mesh as mesh_lib
   from astra_jax.data import images as data
   from astra_jax.tasks import vit as task
@@ -57,38 +55,27 @@ def main(argv=None):
       return ((task.prepare(images, cfg, model_cfg.patch), positions),
               jnp.asarray(train_split.labels[idx]))
 
-    if args.init_from and ckpt.latest_step() is None:
-      _, _, model = task.restore_trained(args.init_from, model_cfg)
-      if cfg.exchange == "vq":
-        calib = (batch(steps_per_epoch * 10**6 + i)[0] for i in range(steps_per_epoch))
-        calibrate.kmeans_codebooks(model, calib, jax.random.PRNGKey(cfg.seed),
-                                   max_tokens=cfg.get("kmeans_tokens", 4096))
-        print(f"codebooks initialised by k-means on {args.init_from}'s K/V", flush=True)
-    else:
-      model = task.build(model_cfg, cfg.seed)
+    model = recipe.start_model(
+        init_from=args.init_from, ckpt=ckpt, build=lambda: task.build(model_cfg, cfg.seed),
+        restore=lambda run: task.restore_trained(run, model_cfg)[2], exchange=cfg.exchange,
+        calib_batches=lambda: (batch(steps_per_epoch * 10**6 + i)[0]  # an unseen permutation
+                               for i in range(steps_per_epoch)),
+        seed=cfg.seed, kmeans_tokens=cfg.get("kmeans_tokens", 4096))
     total = steps_per_epoch * cfg.epochs
     if args.max_steps is not None:
       total = min(total, args.max_steps)
     tx = training.make_optimizer(lr=cfg.lr, weight_decay=cfg.weight_decay,
                                  warmup_steps=cfg.warmup_steps, total_steps=total)
-    graphdef, params, rest = apply.split_model(model)
-    state = training.resume(ckpt, training.init_state(params, rest, tx), args.workdir)
   except ValueError as e:
     cli.fail(str(e))
-  workdir.save_config(args.workdir, cfg)
-  state = mesh_lib.replicate(state, mesh)
-
-  step_fn = training.make_train_step(
-      apply.sequence_apply(graphdef, mesh, in_seq_dims=(1, 0), train=True),
-      training.classification_loss, tx)
-  log = training.MetricsLog(args.workdir)
-  state = training.fit(step_fn, state, total=total, batch_fn=batch, ckpt=ckpt, log=log,
-                       log_every=cfg.log_every, items_per_step=cfg.batch_size)
-  ckpt.close()
-
-  model = nnx.merge(graphdef, state.params, state.rest)
+  try:
+    model = recipe.train(model, tx, cfg=cfg, run=args.workdir, mesh=mesh, ckpt=ckpt,
+                         total=total, batch_fn=batch, out_seq_dim=None,
+                         items_per_step=cfg.batch_size)
+  except checkpoint.CheckpointError as e:
+    cli.fail(str(e))
   result = task.evaluate(model, cfg, model_cfg, test_split, args.mesh, cfg.eval_batch_size)
-  log.write(total, test_accuracy=result["accuracy"])
+  training.MetricsLog(args.workdir).write(total, test_accuracy=result["accuracy"])
   cli.print_result(dict(result, steps=total, workdir=args.workdir))
 
 
