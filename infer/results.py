@@ -1,60 +1,117 @@
-"""Regenerate the ViT results table (RESULTS.md) from scratch or from finished runs.
+"""Regenerate a results table (RESULTS.md) from scratch or from finished runs.
 
-  python -m infer.vit_results                      # default ViT, Fashion-MNIST, mesh 4
+  python -m infer.results vit  --exact-workdir workdir/vit    # ViT, Fashion-MNIST, mesh 4
+  python -m infer.results gpt2 --exact-workdir workdir/gpt2   # GPT-2, Shakespeare, mesh 4
 
-Trains the exact model (the main job), fine-tunes ASTRA variants from it with
-``--init-from`` (``--finetune-steps``, default 200 steps of 128 images) (G=32/16/1 at K=1024, with and without noise augmentation,
-distributed vs single class token, and k-means only without fine-tuning),
-evaluates each (the train CLI's own final test evaluation) and writes ``results/vit_fashion_mnist.json``
-plus the table between the markers in RESULTS.md.  Runs that already finished
-in ``--root`` are only re-evaluated (the train CLI resumes at their last step).
+Trains the exact model (or resumes/reuses ``--exact-workdir``, e.g. the run of
+``python -m train.<task> --mesh=4``), evaluates it on one device and at the
+mesh, fine-tunes ASTRA variants from it with ``--init-from`` (G=32/16/1 at
+K=1024, with and without noise augmentation, k-means only without
+fine-tuning, and per-task extras), evaluates each (the train CLI ends with the
+same evaluation as the infer CLI: held-out split, bytes per device from the
+compiled program) and writes ``results/<task>_<data>.json`` plus the table between the
+task's markers in RESULTS.md after every row.  Finished runs in ``--root``
+are only re-evaluated (the train CLI resumes at their last step).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+from typing import Callable
 
-MARK_BEGIN, MARK_END = "<!-- vit-results:begin -->", "<!-- vit-results:end -->"
 
-# name, label, train overrides (on top of the exact run), eval flags
-VARIANTS = [  # cheapest first: G=32 encodes 32x more distances per token than G=1
-    ("vq_g1", "ASTRA G=1", ["--config.vq.groups=1"], []),
-    ("vq_g1_nonoise", "ASTRA G=1, no noise", ["--config.vq.groups=1",
-                                              "--config.vq.noise_scale=0"], []),
-    ("vq_g1_single", "ASTRA G=1, single class token", ["--config.vq.groups=1",
-                                                       "--config.class_token=single"], []),
-    ("vq_g1_kmeans", "ASTRA G=1, k-means only (no fine-tuning)", ["--config.vq.groups=1"],
-     ["--max-steps=0"]),
-    ("vq_g16", "ASTRA G=16", ["--config.vq.groups=16"], []),
-    ("vq_g32", "ASTRA G=32", ["--config.vq.groups=32"], []),
-    ("vq_g32_kmeans", "ASTRA G=32, k-means only (no fine-tuning)", ["--config.vq.groups=32"],
-     ["--max-steps=0"]),
-    ("vq_g32_nonoise", "ASTRA G=32, no noise", ["--config.vq.groups=32",
-                                                "--config.vq.noise_scale=0"], []),
-]
+@dataclasses.dataclass(frozen=True)
+class Task:
+  train: str  # train CLI module
+  infer: list  # infer CLI module + flags that print the evaluation JSON
+  metric: str  # key of the JSON result
+  metric_label: str
+  fmt: Callable[[float], str]
+  change: Callable[[float, float], str]  # (value, exact) -> text
+  finetune: Callable[[int, float], list]  # (steps, lr) -> train flags
+  variants: list  # (name, label, train flags, fine-tune?)
+  results: str  # default results JSON
+  columns: list = ()  # extra (header, key) columns
+  default_steps: int = 200
+
+
+VIT = Task(
+    train="train.vit", infer=["infer.vit"], metric="accuracy", metric_label="test accuracy",
+    fmt=lambda v: f"{v:.2%}", change=lambda v, e: f"{100 * (v - e):+.2f} pt",
+    finetune=lambda steps, lr: ["--config.epochs=1", f"--max-steps={steps}",
+                                f"--config.lr={lr}", "--config.warmup_steps=50"],
+    variants=[  # cheapest first: G=32 encodes 32x more distances per token than G=1
+        ("vq_g1", "ASTRA G=1", ["--config.vq.groups=1"], True),
+        ("vq_g1_nonoise", "ASTRA G=1, no noise",
+         ["--config.vq.groups=1", "--config.vq.noise_scale=0"], True),
+        ("vq_g1_single", "ASTRA G=1, single class token",
+         ["--config.vq.groups=1", "--config.class_token=single"], True),
+        ("vq_g1_kmeans", "ASTRA G=1, k-means only (no fine-tuning)",
+         ["--config.vq.groups=1"], False),
+        ("vq_g16", "ASTRA G=16", ["--config.vq.groups=16"], True),
+        ("vq_g32", "ASTRA G=32", ["--config.vq.groups=32"], True),
+        ("vq_g32_kmeans", "ASTRA G=32, k-means only (no fine-tuning)",
+         ["--config.vq.groups=32"], False),
+        ("vq_g32_nonoise", "ASTRA G=32, no noise",
+         ["--config.vq.groups=32", "--config.vq.noise_scale=0"], True),
+    ],
+    results="results/vit_fashion_mnist.json", columns=[("class token", "class_token")])
+
+GPT2 = Task(
+    train="train.gpt2", infer=["infer.gpt2", "--eval"], metric="perplexity",
+    metric_label="validation perplexity", fmt=lambda v: f"{v:.3f}",
+    change=lambda v, e: f"{100 * (v / e - 1):+.1f}%",
+    finetune=lambda steps, lr: [f"--config.steps={steps}", f"--config.lr={lr}",
+                                "--config.warmup_steps=30"],
+    variants=[
+        ("vq_g1", "ASTRA G=1", ["--config.vq.groups=1"], True),
+        ("vq_g1_kmeans", "ASTRA G=1, k-means only (no fine-tuning)",
+         ["--config.vq.groups=1"], False),
+        ("vq_g16", "ASTRA G=16", ["--config.vq.groups=16"], True),
+        ("vq_g32", "ASTRA G=32", ["--config.vq.groups=32"], True),
+        ("vq_g32_kmeans", "ASTRA G=32, k-means only (no fine-tuning)",
+         ["--config.vq.groups=32"], False),
+        ("vq_g32_nonoise", "ASTRA G=32, no noise",
+         ["--config.vq.groups=32", "--config.vq.noise_scale=0"], True),
+    ],
+    results="results/gpt2_shakespeare.json", default_steps=300)
+
+TASKS = {"vit": VIT, "gpt2": GPT2}
 
 
 def parse(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--root", default="workdir/vit_results", help="run folders go here")
+  p.add_argument("task", choices=sorted(TASKS))
+  p.add_argument("--root", default=None, help="run folders go here (default workdir/TASK_results)")
   p.add_argument("--exact-workdir", default=None,
                  help="the exact run to start from (default ROOT/exact; e.g. workdir/vit, "
                       "the main job's run); trained or resumed as needed")
   p.add_argument("--mesh", type=int, default=4)
-  p.add_argument("--finetune-steps", type=int, default=200,
-                 help="ASTRA fine-tuning steps from the exact run (batch 128)")
+  p.add_argument("--finetune-steps", type=int, default=None,
+                 help="ASTRA fine-tuning steps from the exact run (default: the task's)")
   p.add_argument("--finetune-lr", type=float, default=5e-4)
-  p.add_argument("--data-dir", default=None)
+  p.add_argument("--data-dir", default=None, help="vit: folder with the dataset files")
   p.add_argument("--only", nargs="*", default=None, help="variant names to run (default all)")
-  p.add_argument("--results", default="results/vit_fashion_mnist.json")
+  p.add_argument("--results", default=None, help="results JSON (default: the task's file)")
   p.add_argument("--markdown", default="RESULTS.md")
   p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                  help="further --config.* overrides for every run (e.g. a tiny test config)")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  args.root = args.root or f"workdir/{args.task}_results"
+  args.results = args.results or TASKS[args.task].results
+  if args.finetune_steps is None:
+    args.finetune_steps = TASKS[args.task].default_steps
+  if args.only is not None:
+    unknown = set(args.only) - {v[0] for v in TASKS[args.task].variants}
+    if unknown:
+      p.error(f"unknown variants {sorted(unknown)}; choose from "
+              f"{[v[0] for v in TASKS[args.task].variants]}")
+  return args
 
 
 def _run(module, *args):
@@ -66,61 +123,64 @@ def _run(module, *args):
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def table(rows: list[dict]) -> str:
+def table(task: Task, rows: list[dict]) -> str:
   exact = next(r for r in rows if r["name"] == "exact")
-  lines = ["| setting | class token | G | bits/token (K or V) | bytes/device/image | less traffic than exact | test accuracy | change |",
-           "|---|---|---|---|---|---|---|---|"]
+  extra = [h for h, _ in task.columns]
+  head = ["setting", *extra, "G", "bits/token (K or V)", "bytes/device/example",
+          "less traffic than exact", task.metric_label, "change"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
-    ratio = (exact["bytes_per_device"] / r["bytes_per_device"]) if r["bytes_per_device"] else None
-    lines.append("| {label} | {ct} | {g} | {bits} | {bytes:,} | {ratio} | {acc:.2%} | {delta} |".format(
-        label=r["label"], ct=r["class_token"], g=r["groups"] or "-", bits=r["bits_per_token"],
-        bytes=r["bytes_per_device"], ratio=f"{ratio:.1f}x" if ratio else "-",
-        acc=r["accuracy"],
-        delta="-" if r["name"] == "exact" else f"{100 * (r['accuracy'] - exact['accuracy']):+.2f} pt"))
+    ratio = exact["bytes_per_device"] / r["bytes_per_device"] if r["bytes_per_device"] else None
+    cells = [r["label"], *[str(r[k]) for _, k in task.columns], str(r["groups"] or "-"),
+             str(r["bits_per_token"]), f"{r['bytes_per_device']:,}",
+             f"{ratio:.1f}x" if ratio else "-", task.fmt(r[task.metric]),
+             "-" if r["name"] == "exact" else task.change(r[task.metric], exact[task.metric])]
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
 def main(argv=None):
   args = parse(sys.argv[1:] if argv is None else argv)
+  task = TASKS[args.task]
   data = [f"--data-dir={args.data_dir}"] if args.data_dir else []
   mesh = f"--mesh={args.mesh}"
   exact_dir = args.exact_workdir or os.path.join(args.root, "exact")
-  _run("train.vit", mesh, f"--workdir={exact_dir}", *data, *args.extra)
+  _run(task.train, mesh, f"--workdir={exact_dir}", *data, *args.extra)
   rows = []
-  single = _run("infer.vit", f"--workdir={exact_dir}", "--mesh=1", *data)
-  rows.append(dict(single, name="single_device", label="single device"))
-  rows.append(dict(_run("infer.vit", f"--workdir={exact_dir}", mesh, *data),
-                   name="exact", label=f"exact sequence parallel (P={args.mesh})"))
-  write(args, rows)
-  for name, label, overrides, train_flags in VARIANTS:
+  evaluate = [*task.infer, f"--workdir={exact_dir}", *data]
+  rows.append(dict(_run(*evaluate, "--mesh=1"), name="single_device", label="single device"))
+  rows.append(dict(_run(*evaluate, mesh), name="exact",
+                   label=f"exact sequence parallel (P={args.mesh})"))
+  write(args, task, rows)
+  for name, label, overrides, finetune in task.variants:
     if args.only is not None and name not in args.only:
       continue
-    run_dir = os.path.join(args.root, name)
-    # train.vit ends with the same evaluation infer.vit prints (test split, HLO bytes)
-    result = _run("train.vit", mesh, f"--workdir={run_dir}", f"--init-from={exact_dir}",
-                  "--config.exchange=vq", "--config.epochs=1",
-                  f"--max-steps={args.finetune_steps}", f"--config.lr={args.finetune_lr}",
-                  "--config.warmup_steps=50", *overrides, *train_flags, *data, *args.extra)
+    steps = task.finetune(args.finetune_steps, args.finetune_lr) if finetune else ["--max-steps=0"]
+    result = _run(task.train, mesh, f"--workdir={os.path.join(args.root, name)}",
+                  f"--init-from={exact_dir}", "--config.exchange=vq", *steps, *overrides,
+                  *data, *args.extra)
     rows.append(dict(result, name=name, label=label))
-    write(args, rows)  # after every row, so a long run leaves a usable table
-  print(table(rows))
+    write(args, task, rows)  # after every row, so a long run leaves a usable table
+  print(table(task, rows))
 
 
-def write(args, rows: list[dict]) -> None:
+def write(args, task: Task, rows: list[dict]) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
   with open(args.results, "w") as f:
-    json.dump({"command": "python -m infer.vit_results " + " ".join(sys.argv[1:]),
+    json.dump({"command": "python -m infer.results " + " ".join(sys.argv[1:]),
                "rows": rows}, f, indent=2)
-  if args.markdown:
-    body = open(args.markdown).read() if os.path.exists(args.markdown) else ""
-    block = f"{MARK_BEGIN}\n{table(rows)}\n{MARK_END}"
-    if MARK_BEGIN in body:
-      head, rest = body.split(MARK_BEGIN, 1)
-      body = head + block + rest.split(MARK_END, 1)[1]
-    else:
-      body += ("\n" if body else "") + block + "\n"
-    with open(args.markdown, "w") as f:
-      f.write(body)
+  if not args.markdown:
+    return
+  begin, end = f"<!-- {args.task}-results:begin -->", f"<!-- {args.task}-results:end -->"
+  body = open(args.markdown).read() if os.path.exists(args.markdown) else ""
+  block = f"{begin}\n{table(task, rows)}\n{end}"
+  if begin in body:
+    head, rest = body.split(begin, 1)
+    body = head + block + rest.split(end, 1)[1]
+  else:
+    body += ("\n" if body else "") + block + "\n"
+  with open(args.markdown, "w") as f:
+    f.write(body)
 
 
 if __name__ == "__main__":

@@ -88,3 +88,24 @@ def test_bad_input_gives_clear_errors(exact_run, corpus, tmp_path):
       (["infer.gpt2", f"--workdir={workdir}", "--mesh=2"], "nothing to do"),
   ]
   assert_clean_errors(cases)
+
+
+def test_results_command_reuses_exact_run(exact_run, corpus, tmp_path):
+  workdir, trained = exact_run
+  md = tmp_path / "RESULTS.md"
+  md.write_text("# Results\n\n<!-- gpt2-results:begin -->\nold\n<!-- gpt2-results:end -->\ntail\n")
+  out = tmp_path / "r.json"
+  result = run("infer.results", "gpt2", f"--root={tmp_path}/runs", "--mesh=2",
+               f"--exact-workdir={workdir}", "--only", "vq_g1_kmeans", f"--results={out}",
+               f"--markdown={md}", "--extra", f"--config.text={corpus}", "--config.steps=20",
+               "--config.vq.codebook_size=16", *TINY)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "resuming from step 20" in result.stdout  # the exact run is reused, not retrained
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["name"] for r in rows] == ["single_device", "exact", "vq_g1_kmeans"]
+  assert rows[0]["perplexity"] == pytest.approx(rows[1]["perplexity"], rel=1e-5)
+  assert rows[1]["perplexity"] == pytest.approx(trained["perplexity"], rel=1e-5)
+  assert rows[2]["exchange"] == "vq" and rows[2]["bits_per_token"] == 4
+  text = md.read_text()
+  assert "old" not in text and text.endswith("<!-- gpt2-results:end -->\ntail\n")
+  assert "| ASTRA G=1, k-means only (no fine-tuning) | 1 | 4 |" in text

@@ -141,7 +141,7 @@ def test_results_command_writes_table(data_dir, tmp_path):
   md.write_text("# Results\n\nintro kept\n")
   out = tmp_path / "r.json"
   proc = subprocess.run(
-      [sys.executable, "-m", "infer.vit_results", f"--root={tmp_path}/runs", "--mesh=2",
+      [sys.executable, "-m", "infer.results", "vit", f"--root={tmp_path}/runs", "--mesh=2",
        f"--data-dir={data_dir}", "--only", "vq_g1_kmeans", f"--results={out}",
        f"--markdown={md}", "--extra", "--config.epochs=1", *TINY],
       capture_output=True, text=True, timeout=600)
