@@ -69,10 +69,11 @@ def _placed(leaf: Any) -> Any:
   """Gives shardingless abstract leaves the default device (as a fresh init would).
 
   Without it orbax falls back to the shardings recorded at save time, which
-  fail on a machine with a different device count.
+  fail on a machine with a different device count.  In a multi-process run
+  every process reads the whole array onto its own first device.
   """
   if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
   return leaf
 

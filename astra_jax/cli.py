@@ -21,6 +21,19 @@ def ensure_cpu_devices(n: int) -> None:
   os.environ["JAX_NUM_CPU_DEVICES"] = str(max(have, n))
 
 
+def setup_devices(args: argparse.Namespace) -> None:
+  """Before jax starts: this process's devices for ``--mesh``, joining the
+  ``jax.distributed`` process group when the multi-process flags ask for it."""
+  from astra_jax import distributed
+  if not distributed.requested(args):
+    ensure_cpu_devices(args.mesh)
+    return
+  try:
+    distributed.initialize(args, args.mesh)
+  except ValueError as e:
+    fail(str(e))
+
+
 def train_args(argv, *, description: str, config: str, workdir: str, extra=None):
   """The train CLIs' flags (``extra(parser)`` adds more); returns (args, overrides).
 
@@ -34,6 +47,8 @@ def train_args(argv, *, description: str, config: str, workdir: str, extra=None)
   p.add_argument("--workdir", default=workdir)
   p.add_argument("--init-from", default=None, help="run folder whose weights to start from")
   p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+  from astra_jax import distributed
+  distributed.add_flags(p)
   return p.parse_known_args(argv)
 
 
@@ -53,16 +68,30 @@ def exchange_from_flags(args: argparse.Namespace):
 
 
 def print_result(result: dict[str, Any], out: str | None = None) -> None:
-  """Prints ``result`` as the last line (one JSON object) and writes it to ``out``."""
+  """Prints ``result`` as the last line (one JSON object) and writes it to ``out``
+  (process 0 only, in multi-process runs)."""
   line = json.dumps(result, sort_keys=True)
-  if out:
+  if out and _main_process():
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
       f.write(line + "\n")
   print(line, flush=True)
 
 
+def _main_process() -> bool:
+  if "jax" not in sys.modules:
+    return True
+  import jax
+  return jax.process_index() == 0
+
+
 def fail(message: str, code: int = 2) -> None:
   """Exits with a one-line error naming the fix (no traceback)."""
   print(f"error: {message}", file=sys.stderr)
+  if "jax" in sys.modules:
+    import jax
+    if jax.process_count() > 1:  # skip the shutdown barrier the other ranks never reach
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(code)
   raise SystemExit(code)

@@ -15,6 +15,7 @@ import contextvars
 from typing import Any, Callable, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 SEQ_AXIS = "seq"
@@ -92,10 +93,54 @@ def check_divisible(length: int, mesh_size: int, what: str = "sequence") -> int:
 
 
 def replicate(tree: Any, mesh: Mesh | None) -> Any:
-  """Places every array of ``tree`` on all devices of ``mesh`` (no-op without one)."""
+  """Places every array of ``tree`` on all devices of ``mesh`` (no-op without one).
+
+  Across processes (``jax.distributed``) every process passes the same values
+  and places them on its own devices only.
+  """
   if mesh is None:
     return tree
-  return jax.device_put(tree, jax.sharding.NamedSharding(mesh, PartitionSpec()))
+  return to_global(tree, mesh, None)
+
+
+def to_global(tree: Any, mesh: Mesh | None, seq_dims: Any) -> Any:
+  """Host (or single-device) arrays -> arrays sharded over ``mesh``'s sequence axis.
+
+  ``seq_dims`` is an int/None for the whole tree or a tuple with one entry per
+  top-level element, as in :func:`sequence_parallel`.  Each process puts only
+  the slices its own devices hold (every process computes the same host
+  values, e.g. from a seeded batch function), so this works unchanged with
+  one process or many.
+  """
+  if mesh is None:
+    return tree
+  if isinstance(seq_dims, (tuple, list)):
+    if not isinstance(tree, (tuple, list)) or len(tree) != len(seq_dims):
+      raise ValueError(f"seq_dims {seq_dims} does not match the inputs' structure")
+    return type(tree)(to_global(t, mesh, d) for t, d in zip(tree, seq_dims))
+  sharding = jax.sharding.NamedSharding(mesh, seq_spec(seq_dims))
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def put(x):
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+      impl = jax.random.key_impl(x)
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=impl)
+    host = np.asarray(x)  # a replicated or process-local array reads back locally
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(put, tree)
+
+
+def fetch(x: Any) -> Any:
+  """Host numpy copies of (possibly multi-process) arrays, on every process."""
+  def get(a):
+    if not isinstance(a, jax.Array) or a.is_fully_addressable or a.is_fully_replicated:
+      return np.asarray(a)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+
+  return jax.tree.map(get, x)
 
 
 def seq_spec(seq_dim: int | None, axis: str = SEQ_AXIS) -> PartitionSpec:

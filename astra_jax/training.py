@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from astra_jax import mesh as mesh_lib
+
 
 class TrainState(NamedTuple):
   step: jnp.ndarray
@@ -76,6 +78,8 @@ class MetricsLog:
     self.path = os.path.join(workdir, "metrics.jsonl")
 
   def write(self, step: int, **values) -> None:
+    if jax.process_index() != 0:  # one log per run, however many processes
+      return
     row = {"step": int(step), "time": time.time()}
     row.update({k: float(v) if hasattr(v, "__float__") else v for k, v in values.items()})
     with open(self.path, "a") as f:
@@ -108,7 +112,7 @@ def fit(step_fn: Callable, state: TrainState, *, total: int,
     inputs, targets = batch_fn(step)
     state, metrics = step_fn(state, inputs, targets)
     if (step + 1) % log_every == 0 or step + 1 == total:
-      m = jax.device_get(metrics)
+      m = mesh_lib.fetch(metrics)
       bar.set_postfix({k: f"{m[k]:.3f}" for k in ("loss", "accuracy") if k in m})
       log.write(step + 1, items_per_s=(bar.format_dict["rate"] or 0.0) * items_per_step, **m)
     ckpt.save(step + 1, state)

@@ -19,9 +19,13 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def save_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
+  """Writes config.json atomically (processes of one run may all call this)."""
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
+  path = os.path.join(workdir, "config.json")
+  tmp = f"{path}.{os.getpid()}.tmp"
+  with open(tmp, "w") as f:
     f.write(cfg.to_json(indent=2, sort_keys=True))
+  os.replace(tmp, path)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

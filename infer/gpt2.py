@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from astra_jax import cli
+from astra_jax import cli, distributed
 
 
 def parse(argv):
@@ -32,6 +32,7 @@ def parse(argv):
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
   p.add_argument("--eval-windows", type=int, default=None, help="default: the run's config")
   p.add_argument("--out", default=None, help="also write the JSON result here")
+  distributed.add_flags(p)
   return p.parse_args(argv)
 
 
@@ -39,7 +40,7 @@ def main(argv=None):
   args = parse(sys.argv[1:] if argv is None else argv)
   if not args.eval and args.prompt is None:
     cli.fail("nothing to do: pass --eval, --prompt TEXT, or both")
-  cli.ensure_cpu_devices(args.mesh)
+  cli.setup_devices(args)
   import jax
   from astra_jax import generate, workdir
   from astra_jax.data import text as text_lib

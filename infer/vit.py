@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from astra_jax import cli
+from astra_jax import cli, distributed
 
 
 def parse(argv):
@@ -27,12 +27,13 @@ def parse(argv):
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
   p.add_argument("--batch-size", type=int, default=500)
   p.add_argument("--out", default=None, help="also write the JSON result here")
+  distributed.add_flags(p)
   return p.parse_args(argv)
 
 
 def main(argv=None):
   args = parse(sys.argv[1:] if argv is None else argv)
-  cli.ensure_cpu_devices(args.mesh)
+  cli.setup_devices(args)
   import dataclasses
   from astra_jax import workdir
   from astra_jax.data import images as data

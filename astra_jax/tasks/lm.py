@@ -57,35 +57,28 @@ def evaluate(model: nnx.Module, cfg, model_cfg: gpt2.GPT2Config, ids: np.ndarray
              mesh_size: int, batch_size: int, windows: int | None) -> dict:
   """Validation perplexity at ``mesh_size`` devices and bytes per device (HLO)."""
   mesh_lib.check_divisible(cfg.context, mesh_size, what="context")
-  graphdef, params, rest = apply.split_model(model)
-  mesh = mesh_lib.seq_mesh_or_none(mesh_size)
-  params, rest = mesh_lib.replicate((params, rest), mesh)
-  fn = jax.jit(apply.sequence_apply(graphdef, mesh, in_seq_dims=(1, 0), train=False,
-                                    out_seq_dim=1))
+  forward, params, rest = apply.inference_forward(model, mesh_size, out_seq_dim=1)
   positions = jnp.arange(cfg.context)
 
+  mesh = mesh_lib.seq_mesh_or_none(mesh_size)
+
   @jax.jit
-  def nll(logits, targets):
+  def nll(params, rest, inputs, positions, targets):
+    logits, _, _ = forward(params, rest, inputs, positions)
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum()
 
   total, count = 0.0, 0
   for inputs, targets in text_lib.eval_windows(ids, batch_size, cfg.context, windows):
-    logits, _, _ = fn(params, rest, jnp.asarray(inputs), positions)
-    total += float(nll(logits, jnp.asarray(targets)))
+    inputs, pos, targets_ = mesh_lib.to_global((inputs, positions, targets), mesh, (1, 0, 1))
+    total += float(mesh_lib.fetch(nll(params, rest, inputs, pos, targets_)))
     count += targets.size
-  one = jax.ShapeDtypeStruct((1, cfg.context), jnp.int32)
-  report = traffic.compiled_traffic(fn, params, rest, one, positions)
-  ex = model_cfg.exchange
   width, layers, _ = model_cfg.sizes
+  one = jax.ShapeDtypeStruct((1, cfg.context), jnp.int32)
   loss = total / count
   return {
       "perplexity": math.exp(loss), "loss": loss, "tokens": count,
-      "exchange": ex.name, "mesh": mesh_size,
-      "groups": getattr(ex, "groups", None), "codebook_size": getattr(ex, "codebook_size", None),
-      "bits_per_token": 8 * ex.bytes_per_token(width, jnp.float32),
-      "bytes_per_device": report.bytes_per_device,
-      "bytes_per_device_formula": traffic.sequence_parallel_bytes(
-          ex, layers=layers, batch=1, tokens_per_device=cfg.context // mesh_size,
-          kv_dim=width, dtype=jnp.float32, mesh_size=mesh_size),
+      **traffic.exchange_summary(forward, (params, rest, one, positions), model_cfg.exchange,
+                                 width=width, layers=layers, tokens=cfg.context,
+                                 mesh_size=mesh_size),
       "variant": model_cfg.variant, "context": cfg.context,
   }

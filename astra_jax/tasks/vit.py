@@ -68,35 +68,31 @@ def evaluate(model: nnx.Module, cfg, model_cfg: vit.ViTConfig, split: data.Image
              mesh_size: int, batch_size: int) -> dict:
   """Test accuracy at ``mesh_size`` devices, and bytes per device per image from HLO."""
   check_mesh(model_cfg, mesh_size)
-  graphdef, params, rest = apply.split_model(model)
-  mesh = mesh_lib.seq_mesh_or_none(mesh_size)
-  params, rest = mesh_lib.replicate((params, rest), mesh)
-  fn = jax.jit(apply.sequence_apply(graphdef, mesh, in_seq_dims=(1, 0), train=False))
+  forward, params, rest = apply.inference_forward(model, mesh_size)
   positions = jnp.arange(model_cfg.num_patches)
+  mesh = mesh_lib.seq_mesh_or_none(mesh_size)
+
+  @jax.jit
+  def hits(params, rest, patches, positions, labels):
+    logits, _, _ = forward(params, rest, patches, positions)
+    return jnp.sum(jnp.argmax(logits, -1) == labels)
+
   correct = 0
   for images, labels in data.batches(split, batch_size, rng=None, drop_remainder=False):
-    logits, _, _ = fn(params, rest, prepare(images, cfg, model_cfg.patch), positions)
-    correct += int(jnp.sum(jnp.argmax(logits, -1) == jnp.asarray(labels)))
+    patches, pos, labels = mesh_lib.to_global(
+        (np.asarray(prepare(images, cfg, model_cfg.patch)), positions, labels), mesh,
+        (1, 0, None))
+    correct += int(mesh_lib.fetch(hits(params, rest, patches, pos, labels)))
   one = jax.ShapeDtypeStruct((1, model_cfg.num_patches,
                               model_cfg.patch ** 2 * model_cfg.channels), jnp.float32)
-  report = traffic.compiled_traffic(fn, params, rest, one, positions)
-  ex = model_cfg.exchange
-  width = model_cfg.sizes[0]
   return {
       "accuracy": correct / len(split.labels),
       "examples": int(len(split.labels)),
-      "exchange": ex.name,
-      "mesh": mesh_size,
-      "groups": getattr(ex, "groups", None),
-      "codebook_size": getattr(ex, "codebook_size", None),
-      "bits_per_token": 8 * ex.bytes_per_token(width, jnp.float32),
-      "bytes_per_device": report.bytes_per_device,
-      # K/V exchange of every layer + the float32 logits reduced over devices
-      "bytes_per_device_formula": traffic.sequence_parallel_bytes(
-          ex, layers=model_cfg.sizes[1], batch=1,
-          tokens_per_device=model_cfg.num_patches // mesh_size, kv_dim=width,
-          dtype=jnp.float32, mesh_size=mesh_size)
-          + (4 * model_cfg.num_classes if mesh_size > 1 else 0),
+      # K/V exchange of every layer + the float32 logits averaged over devices
+      **traffic.exchange_summary(forward, (params, rest, one, positions), model_cfg.exchange,
+                                 width=model_cfg.sizes[0], layers=model_cfg.sizes[1],
+                                 tokens=model_cfg.num_patches, mesh_size=mesh_size,
+                                 extra_formula_bytes=4 * model_cfg.num_classes),
       "class_token": model_cfg.class_token,
       "variant": model_cfg.variant,
   }

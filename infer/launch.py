@@ -1,0 +1,147 @@
+"""Start N processes of a CLI on this machine as one jax.distributed run.
+
+  python -m infer.launch --procs 2 -- infer.gpt2 --workdir workdir/gpt2 --mesh=4 --eval
+
+Every rank runs ``python -m <cli> <args> --coordinator=HOST:PORT
+--num-processes=N --process-id=I``.  Output lines are prefixed ``[rank I]`` as
+they arrive; at the end rank 0's last line (the CLI's JSON result) is printed
+again unprefixed, so scripts can read it as usual.
+
+Fails fast: when a rank exits non-zero, the others are stopped (SIGTERM, then
+SIGKILL after ``--grace`` seconds) and the launcher exits non-zero naming the
+dead rank.  ``--timeout`` bounds the whole run.  ``--wrap`` puts a command
+before each rank (``{rank}`` is replaced), e.g. ``ip netns exec astra{rank}``;
+``infer.testbed`` uses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+
+def parse(argv):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--procs", type=int, required=True, help="number of processes")
+  p.add_argument("--coordinator", default=None,
+                 help="HOST:PORT for rank 0's coordinator (default 127.0.0.1 and a free port)")
+  p.add_argument("--timeout", type=float, default=1800, help="seconds for the whole run")
+  p.add_argument("--grace", type=float, default=10, help="seconds between SIGTERM and SIGKILL")
+  p.add_argument("--wrap", default="", help="command before each rank; {rank} is replaced")
+  p.add_argument("command", nargs=argparse.REMAINDER,
+                 help="-- MODULE ARGS...: the CLI to run (e.g. infer.gpt2 --eval ...)")
+  args = p.parse_args(argv)
+  if args.command and args.command[0] == "--":
+    args.command = args.command[1:]
+  if not args.command:
+    p.error("give the CLI after --, e.g. -- infer.gpt2 --workdir workdir/gpt2 --eval")
+  if args.procs < 1:
+    p.error(f"--procs must be >= 1, got {args.procs}")
+  return args
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def rank_command(args, rank: int, coordinator: str) -> list[str]:
+  wrap = shlex.split(args.wrap.format(rank=rank)) if args.wrap else []
+  module, *rest = args.command
+  return [*wrap, sys.executable, "-m", module, *rest, f"--coordinator={coordinator}",
+          f"--num-processes={args.procs}", f"--process-id={rank}"]
+
+
+class Rank:
+  """One child process and a thread copying its output, prefixed."""
+
+  def __init__(self, rank: int, cmd: list[str], lock: threading.Lock):
+    self.rank, self.last = rank, ""
+    self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True, bufsize=1, start_new_session=True,
+                                 env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    self.thread = threading.Thread(target=self._pump, args=(lock,), daemon=True)
+    self.thread.start()
+
+  def _pump(self, lock):
+    for line in self.proc.stdout:
+      line = line.rstrip("\n")
+      if line.strip():
+        self.last = line
+      with lock:
+        print(f"[rank {self.rank}] {line}", flush=True)
+
+  def signal(self, sig) -> None:
+    if self.proc.poll() is None:
+      try:
+        os.killpg(self.proc.pid, sig)
+      except ProcessLookupError:
+        pass
+
+
+def run(args) -> int:
+  coordinator = args.coordinator or f"127.0.0.1:{free_port()}"
+  lock = threading.Lock()
+  ranks = [Rank(i, rank_command(args, i, coordinator), lock) for i in range(args.procs)]
+  deadline = time.monotonic() + args.timeout
+  failed, reason = None, None
+
+  def stop_all():
+    for r in ranks:
+      r.signal(signal.SIGTERM)
+    end = time.monotonic() + args.grace
+    while time.monotonic() < end and any(r.proc.poll() is None for r in ranks):
+      time.sleep(0.1)
+    for r in ranks:
+      r.signal(signal.SIGKILL)
+      r.proc.wait()
+
+  previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+  try:
+    while any(r.proc.poll() is None for r in ranks):
+      dead = [r for r in ranks if r.proc.poll() not in (None, 0)]
+      if dead:
+        failed = dead[0]
+        reason = f"rank {failed.rank} exited with code {failed.proc.returncode}"
+        break
+      if time.monotonic() > deadline:
+        reason = f"the run exceeded --timeout={args.timeout:g} s"
+        break
+      time.sleep(0.1)
+    else:
+      dead = [r for r in ranks if r.proc.returncode != 0]
+      if dead:
+        failed = dead[0]
+        reason = f"rank {failed.rank} exited with code {failed.proc.returncode}"
+  except KeyboardInterrupt:
+    reason = "interrupted"
+  finally:
+    if reason:
+      print(f"launch: {reason}; stopping the other ranks", file=sys.stderr, flush=True)
+    stop_all()
+    signal.signal(signal.SIGTERM, previous)
+    for r in ranks:
+      r.thread.join(timeout=5)
+  if reason:
+    print(f"error: {reason} (see its [rank {failed.rank if failed else '?'}] lines above)"
+          if failed else f"error: {reason}", file=sys.stderr)
+    return 1
+  print(ranks[0].last, flush=True)
+  return 0
+
+
+def main(argv=None):
+  args = parse(sys.argv[1:] if argv is None else argv)
+  sys.exit(run(args))
+
+
+if __name__ == "__main__":
+  main()
