@@ -1,0 +1,80 @@
+"""Real multi-process runs on this machine (jax.distributed over gloo) equal the
+one-process fake-device run; a dead rank stops the others quickly."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cli_helpers import last_json, run
+
+TINY = ["--config.variant=nano", "--config.context=32", "--config.batch_size=4",
+        "--config.log_every=5", "--config.warmup_steps=2", "--config.eval_windows=4",
+        "--config.eval_batch_size=4", "--config.checkpoint_every=10"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  path = tmp_path_factory.mktemp("text") / "verse.txt"
+  path.write_text("".join(f"Now is the winter of our discontent, {i % 7}.\n" for i in range(300)))
+  return path
+
+
+def launch(procs, *args, timeout=600):
+  return run("infer.launch", f"--procs={procs}", "--", *args, timeout=timeout)
+
+
+def test_train_and_eval_across_processes_equal_one_process(corpus, tmp_path):
+  common = [f"--config.text={corpus}", "--config.steps=6", "--config.lr=1e-2", *TINY]
+  one = last_json(run("train.gpt2", "--mesh=4", f"--workdir={tmp_path}/one", *common))
+  two = last_json(launch(2, "train.gpt2", "--mesh=4", f"--workdir={tmp_path}/two", *common))
+  assert two["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
+  assert two["bytes_per_device"] == one["bytes_per_device"] > 0
+  # evaluation of the one-process run, split over 2 and 4 processes
+  ref = last_json(run("infer.gpt2", f"--workdir={tmp_path}/one", "--mesh=4", "--eval"))
+  for procs in (2, 4):
+    out = last_json(launch(procs, "infer.gpt2", f"--workdir={tmp_path}/one", "--mesh=4",
+                           "--eval"))
+    assert out["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-5), procs
+    assert out["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+  assert ref["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
+
+
+def test_bad_flags_are_named(tmp_path):
+  proc = run("infer.gpt2", f"--workdir={tmp_path}", "--mesh=3", "--eval",
+             "--coordinator=127.0.0.1:1", "--num-processes=2", "--process-id=0")
+  assert proc.returncode == 2 and "cannot be split evenly over 2 processes" in proc.stderr
+  proc = run("infer.gpt2", f"--workdir={tmp_path}", "--mesh=2", "--eval", "--num-processes=2")
+  assert proc.returncode == 2 and "missing --coordinator --process-id" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_killed_rank_stops_the_others(corpus, tmp_path):
+  cmd = [sys.executable, "-m", "infer.launch", "--procs=2", "--", "train.gpt2", "--mesh=2",
+         f"--workdir={tmp_path}/run", f"--config.text={corpus}", "--config.steps=100000",
+         *TINY]
+  launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
+  try:
+    for line in launcher.stdout:  # wait until rank 1 trains
+      if line.startswith("[rank 1]") and "step/s" in line:
+        break
+    victim = subprocess.run(["pgrep", "-f", "--", f"--workdir={tmp_path}/run .*--process-id=1"],
+                            capture_output=True, text=True).stdout.split()
+    assert victim, "rank 1 not found"
+    os.kill(int(victim[0]), signal.SIGKILL)
+    start = time.monotonic()
+    _, err = launcher.communicate(timeout=90)
+    assert time.monotonic() - start < 60
+  finally:
+    if launcher.poll() is None:
+      launcher.terminate()  # the launcher stops its ranks on SIGTERM
+      launcher.wait(timeout=60)
+  assert launcher.returncode != 0
+  assert "rank 1 exited with code -9" in err
+  left = subprocess.run(["pgrep", "-f", "--", f"--workdir={tmp_path}/run"], capture_output=True,
+                        text=True).stdout.split()
+  assert not left, "ranks left running"
