@@ -73,16 +73,39 @@ def attend(exchange: Exchange, state: Any, q, k, v, *, causal: bool,
   """
   if private and causal:
     raise ValueError("private (per-device) tokens are only supported in bidirectional attention")
+  lossy = exchange.drop_rate > 0 and axis_name is not None
+  if lossy:
+    if key is None:
+      raise ValueError("a lossy link (drop_rate > 0) needs a PRNG key to draw the losses")
+    key, drop_key = jax.random.split(key)
   out = exchange.gather(state, k[:, private:], v[:, private:], axis_name=axis_name,
-                        train=train, key=key)
+                        train=train, key=key if train else None)
   k_all = jnp.concatenate([k[:, :private], out.k], axis=1)
   v_all = jnp.concatenate([v[:, :private], out.v], axis=1)
   tl = q.shape[1]
   index = 0 if axis_name is None else jax.lax.axis_index(axis_name)
   q_pos = index * tl + jnp.arange(tl)
   k_pos = jnp.arange(k_all.shape[1])
+  valid = None
+  if lossy:
+    received = received_tokens(drop_key, exchange.drop_rate, out.k.shape[0],
+                               out.k.shape[1], k.shape[1] - private, axis_name)
+    valid = jnp.concatenate([jnp.ones((k.shape[0], private), bool), received], axis=1)
   return dot_product_attention(q, k_all, v_all, q_pos=q_pos, k_pos=k_pos,
-                               causal=causal), out
+                               causal=causal, kv_valid=valid), out
+
+
+def received_tokens(key: jax.Array, drop_rate: float, batch: int, total: int, local: int,
+                    axis_name: str) -> jnp.ndarray:
+  """[B, total] bool: which tokens' K/V reached this device over a lossy link.
+
+  Each non-local token is lost with probability ``drop_rate``, independently
+  per receiving device; this device's own block is always present.
+  """
+  index = jax.lax.axis_index(axis_name)
+  keep = jax.random.bernoulli(jax.random.fold_in(key, index), 1.0 - drop_rate, (batch, total))
+  own = (jnp.arange(total) // local) == index
+  return keep | own[None]
 
 
 class ExchangeState(nnx.Variable):
@@ -124,7 +147,7 @@ class SequenceAttention(nnx.Module):
 
   def __call__(self, q, k, v) -> jnp.ndarray:
     train = not self.deterministic
-    key = self.rngs.exchange() if train else None
+    key = self.rngs.exchange() if train or self.exchange.drop_rate > 0 else None
     out, ex = attend(self.exchange, self.state.get_value(), q, k, v,
                      causal=self.causal, train=train, key=key,
                      axis_name=current_seq_axis(), private=self.private)

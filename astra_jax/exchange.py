@@ -69,6 +69,12 @@ def make_exchange(name: str, **options) -> "Exchange":
   return cls(**options)
 
 
+def same_state(a: "Exchange", b: "Exchange") -> bool:
+  """Whether a model trained with exchange ``a`` can reuse its state under ``b``
+  (the same strategy and options; the simulated link loss may differ)."""
+  return dataclasses.replace(a, drop_rate=0.0) == dataclasses.replace(b, drop_rate=0.0)
+
+
 def _gather_blocks(x: jnp.ndarray, axis_name: str) -> jnp.ndarray:
   """[B, Tl, ...] on each device -> [B, P*Tl, ...] in device order."""
   return jax.lax.all_gather(x, axis_name, axis=1, tiled=True)
@@ -82,9 +88,20 @@ def _own_block(full: jnp.ndarray, local: jnp.ndarray, axis_name: str) -> jnp.nda
 
 @dataclasses.dataclass(frozen=True)
 class Exchange:
-  """Base strategy: nothing to learn, nothing to update."""
+  """Base strategy: nothing to learn, nothing to update.
+
+  drop_rate: simulated loss on the link: each non-local token's K/V reaches a
+             receiver with probability 1 - drop_rate, independently per
+             receiver, layer and forward; attention masks lost tokens out
+             (``attention.attend``), it does not zero-fill them.  0 by default.
+  """
 
   name: ClassVar[str] = "base"
+  drop_rate: float = 0.0
+
+  def __post_init__(self):
+    if not 0.0 <= self.drop_rate < 1.0:
+      raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
 
   def init_state(self, key: jax.Array, kv_dim: int) -> Any:
     del key, kv_dim
@@ -150,6 +167,7 @@ class VQExchange(Exchange):
   dead_threshold: float = 0.01
 
   def __post_init__(self):
+    super().__post_init__()
     packing.code_bits(self.codebook_size)
     if self.groups < 1:
       raise ValueError(f"groups must be >= 1, got {self.groups}")

@@ -32,6 +32,9 @@ def parse(argv):
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
   p.add_argument("--eval-windows", type=int, default=None, help="default: the run's config")
   p.add_argument("--out", default=None, help="also write the JSON result here")
+  p.add_argument("--drop-rate", type=float, default=0.0,
+                 help="simulated link loss: fraction of non-local tokens' K/V (codes) lost "
+                      "per exchange, masked out of attention")
   distributed.add_flags(p)
   return p.parse_args(argv)
 
@@ -41,6 +44,7 @@ def main(argv=None):
   if not args.eval and args.prompt is None:
     cli.fail("nothing to do: pass --eval, --prompt TEXT, or both")
   cli.setup_devices(args)
+  import dataclasses
   import jax
   from astra_jax import generate, workdir
   from astra_jax.data import text as text_lib
@@ -54,8 +58,13 @@ def main(argv=None):
           f"{args.workdir} was trained with the {cfg.exchange!r} exchange and has no codebooks; "
           f"fine-tune one first: python -m train.gpt2 --init-from {args.workdir} "
           "--config.exchange=vq --workdir NEW_DIR")
-    cfg, model_cfg, model = lm.restore_trained(args.workdir, lm.model_config(cfg, args.exchange),
-                                               args.step)
+    if args.drop_rate and args.prompt is not None:
+      raise ValueError("--drop-rate simulates losses in the prefill forward of --eval; "
+                       "generation (--prompt) does not model them: drop one of the two")
+    target = lm.model_config(cfg, args.exchange)
+    target = dataclasses.replace(
+        target, exchange=dataclasses.replace(target.exchange, drop_rate=args.drop_rate))
+    cfg, model_cfg, model = lm.restore_trained(args.workdir, target, args.step)
     tokenizer = text_lib.load_tokenizer(cfg.tokenizer)
     if args.eval:
       _, valid_text = text_lib.load_splits(cfg.text)

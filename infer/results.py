@@ -7,11 +7,14 @@ Trains the exact model (or resumes/reuses ``--exact-workdir``, e.g. the run of
 ``python -m train.<task> --mesh=4``), evaluates it on one device and at the
 mesh, fine-tunes ASTRA variants from it with ``--init-from`` (G=32/16/1 at
 K=1024, with and without noise augmentation, k-means only without
-fine-tuning, and per-task extras), evaluates each (the train CLI ends with the
-same evaluation as the infer CLI: held-out split, bytes per device from the
-compiled program) and writes ``results/<task>_<data>.json`` plus the table between the
-task's markers in RESULTS.md after every row.  Finished runs in ``--root``
-are only re-evaluated (the train CLI resumes at their last step).
+fine-tuning, and per-task extras) and evaluates each (the train CLI ends with
+the same evaluation as the infer CLI: held-out split, bytes per device from
+the compiled program).  Then the G=32 run is evaluated with 1/5/10% of the
+non-local codes lost on the link (``--drop-rate``).  Writes
+``results/<task>_<data>.json`` and the table between the task's markers in
+RESULTS.md after every row.  Finished runs in ``--root`` are only re-evaluated
+(the train CLI resumes at their last step); ``--only NAME ...`` runs those rows
+and keeps the others from the previous results file.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class Task:
   variants: list  # (name, label, train flags, fine-tune?)
   results: str  # default results JSON
   columns: list = ()  # extra (header, key) columns
+  # simulated link loss: the G=32 run evaluated with these fractions of codes lost
+  loss_rates: tuple = (0.01, 0.05, 0.1)
   default_steps: int = 200
 
 
@@ -107,10 +112,11 @@ def parse(argv):
   if args.finetune_steps is None:
     args.finetune_steps = TASKS[args.task].default_steps
   if args.only is not None:
-    unknown = set(args.only) - {v[0] for v in TASKS[args.task].variants}
+    task = TASKS[args.task]
+    names = [v[0] for v in task.variants] + [loss_name(r) for r in task.loss_rates]
+    unknown = set(args.only) - set(names)
     if unknown:
-      p.error(f"unknown variants {sorted(unknown)}; choose from "
-              f"{[v[0] for v in TASKS[args.task].variants]}")
+      p.error(f"unknown variants {sorted(unknown)}; choose from {names}")
   return args
 
 
@@ -139,6 +145,10 @@ def table(task: Task, rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def loss_name(rate: float) -> str:
+  return f"vq_g32_loss{rate * 100:g}"
+
+
 def main(argv=None):
   args = parse(sys.argv[1:] if argv is None else argv)
   task = TASKS[args.task]
@@ -146,12 +156,15 @@ def main(argv=None):
   mesh = f"--mesh={args.mesh}"
   exact_dir = args.exact_workdir or os.path.join(args.root, "exact")
   _run(task.train, mesh, f"--workdir={exact_dir}", *data, *args.extra)
+  # with --only, rows of the other variants are kept from the previous results file
+  kept = [] if args.only is None or not os.path.exists(args.results) else [
+      r for r in json.load(open(args.results))["rows"] if r["name"] not in args.only]
   rows = []
   evaluate = [*task.infer, f"--workdir={exact_dir}", *data]
   rows.append(dict(_run(*evaluate, "--mesh=1"), name="single_device", label="single device"))
   rows.append(dict(_run(*evaluate, mesh), name="exact",
                    label=f"exact sequence parallel (P={args.mesh})"))
-  write(args, task, rows)
+  write(args, task, rows, kept)
   for name, label, overrides, finetune in task.variants:
     if args.only is not None and name not in args.only:
       continue
@@ -160,11 +173,30 @@ def main(argv=None):
                   f"--init-from={exact_dir}", "--config.exchange=vq", *steps, *overrides,
                   *data, *args.extra)
     rows.append(dict(result, name=name, label=label))
-    write(args, task, rows)  # after every row, so a long run leaves a usable table
-  print(table(task, rows))
+    write(args, task, rows, kept)  # after every row, so a long run leaves a usable table
+  g32 = os.path.join(args.root, "vq_g32")
+  for rate in task.loss_rates:
+    name = loss_name(rate)
+    if args.only is not None and name not in args.only:
+      continue
+    if not os.path.isdir(g32):
+      print(f"skipping {name}: no ASTRA G=32 run in {g32}", flush=True)
+      continue
+    result = _run(*task.infer, f"--workdir={g32}", mesh, f"--drop-rate={rate}", *data)
+    rows.append(dict(result, name=name, label=f"ASTRA G=32, {rate:.0%} of codes lost"))
+    write(args, task, rows, kept)
+  print(table(task, order(task, rows + kept)))
 
 
-def write(args, task: Task, rows: list[dict]) -> None:
+def order(task: Task, rows: list[dict]) -> list[dict]:
+  """Rows in the task's canonical order (single device, exact, variants, losses)."""
+  names = ["single_device", "exact", *(v[0] for v in task.variants),
+           *(loss_name(r) for r in task.loss_rates)]
+  return sorted(rows, key=lambda r: names.index(r["name"]) if r["name"] in names else len(names))
+
+
+def write(args, task: Task, rows: list[dict], kept: list[dict] = ()) -> None:
+  rows = order(task, [*rows, *kept])
   os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
   with open(args.results, "w") as f:
     json.dump({"command": "python -m infer.results " + " ".join(sys.argv[1:]),

@@ -27,6 +27,9 @@ def parse(argv):
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
   p.add_argument("--batch-size", type=int, default=500)
   p.add_argument("--out", default=None, help="also write the JSON result here")
+  p.add_argument("--drop-rate", type=float, default=0.0,
+                 help="simulated link loss: fraction of non-local tokens' K/V (codes) lost "
+                      "per exchange, masked out of attention")
   distributed.add_flags(p)
   return p.parse_args(argv)
 
@@ -47,6 +50,8 @@ def main(argv=None):
           "codebooks; fine-tune one first: python -m train.vit --init-from "
           f"{args.workdir} --config.exchange=vq --workdir NEW_DIR")
     target = task.model_config(cfg, args.exchange)
+    target = dataclasses.replace(
+        target, exchange=dataclasses.replace(target.exchange, drop_rate=args.drop_rate))
     if args.class_token:
       target = dataclasses.replace(target, class_token=args.class_token)
     cfg, model_cfg, model = task.restore_trained(args.workdir, target, args.step)

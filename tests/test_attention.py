@@ -241,3 +241,41 @@ def test_bad_exchange_configs():
   with pytest.raises(ValueError, match="multiple of Hkv"):
     q, k, v = _qkv(hkv=3)
     dense(q, k, v, False)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lost_tokens_are_masked_out_as_the_reference_says(causal):
+  """Link loss: each device attends over exactly the tokens ``received_tokens``
+  says arrived (dense reference with that mask), never to zero-filled ones."""
+  p, rate = 4, 0.3
+  q, k, v = _qkv(5)
+  lossy = ex.make_exchange("exact", drop_rate=rate)
+  key = jax.random.PRNGKey(3)
+  out = sharded(lossy, (), p, causal, key=key)((), q, k, v)
+  _, drop_key = jax.random.split(key)  # as attend splits it
+  mesh = mesh_lib.make_seq_mesh(p)
+  masks = jax.jit(mesh_lib.sequence_parallel(
+      lambda x: attention.received_tokens(drop_key, rate, B, T, T // p,
+                                          mesh_lib.current_seq_axis())[None],
+      mesh, in_seq_dims=(1,), out_seq_dims=0))(q)  # [P, B, T]
+  tl, pos = T // p, jnp.arange(T)
+  for d in range(p):
+    mask = np.asarray(masks[d])
+    assert mask[:, d * tl:(d + 1) * tl].all()  # own block always present
+    rows = slice(d * tl, (d + 1) * tl)
+    want = attention.dot_product_attention(q[:, rows], k, v, q_pos=pos[rows], k_pos=pos,
+                                           causal=causal, kv_valid=masks[d])
+    np.testing.assert_allclose(out[:, rows], want, **TOL)
+  lost = 1 - np.asarray(masks).mean()
+  assert 0.1 < lost < 0.4  # about rate * 3/4 of the tokens are non-local
+  # tokens lost on the way to device d have no influence on d's outputs
+  for d in range(p):
+    v_changed = jnp.where(masks[d][..., None, None], v, 1e3)
+    out2 = sharded(lossy, (), p, causal, key=key)((), q, k, v_changed)
+    rows = slice(d * tl, (d + 1) * tl)
+    np.testing.assert_allclose(out[:, rows], out2[:, rows], **TOL)
+
+
+def test_drop_rate_out_of_range_is_refused():
+  with pytest.raises(ValueError, match="drop_rate must be in"):
+    ex.make_exchange("vq", drop_rate=1.0)

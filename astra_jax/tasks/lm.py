@@ -45,7 +45,8 @@ def restore_trained(run: str, target: gpt2.GPT2Config | None = None, step: int |
   tx = make_optimizer(cfg, 2)
   model = workdir.restore_model(
       run, lambda: build(trained), lambda: build(target),
-      lambda p, r: training.init_state(p, r, tx), target.exchange == trained.exchange, step)
+      lambda p, r: training.init_state(p, r, tx),
+      exchange.same_state(target.exchange, trained.exchange), step)
   return cfg, target, model
 
 
@@ -64,13 +65,14 @@ def evaluate(model: nnx.Module, cfg, model_cfg: gpt2.GPT2Config, ids: np.ndarray
 
   @jax.jit
   def nll(params, rest, inputs, positions, targets):
-    logits, _, _ = forward(params, rest, inputs, positions)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum()
+    logits, rest, _ = forward(params, rest, inputs, positions)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum(), rest
 
   total, count = 0.0, 0
   for inputs, targets in text_lib.eval_windows(ids, batch_size, cfg.context, windows):
     inputs, pos, targets_ = mesh_lib.to_global((inputs, positions, targets), mesh, (1, 0, 1))
-    total += float(mesh_lib.fetch(nll(params, rest, inputs, pos, targets_)))
+    batch_nll, rest = nll(params, rest, inputs, pos, targets_)  # rest: fresh link losses
+    total += float(mesh_lib.fetch(batch_nll))
     count += targets.size
   width, layers, _ = model_cfg.sizes
   one = jax.ShapeDtypeStruct((1, cfg.context), jnp.int32)
@@ -80,5 +82,6 @@ def evaluate(model: nnx.Module, cfg, model_cfg: gpt2.GPT2Config, ids: np.ndarray
       **traffic.exchange_summary(forward, (params, rest, one, positions), model_cfg.exchange,
                                  width=width, layers=layers, tokens=cfg.context,
                                  mesh_size=mesh_size),
+      "drop_rate": model_cfg.exchange.drop_rate,
       "variant": model_cfg.variant, "context": cfg.context,
   }

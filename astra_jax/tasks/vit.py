@@ -60,7 +60,8 @@ def restore_trained(run: str, target: vit.ViTConfig | None = None,
                                warmup_steps=cfg.warmup_steps, total_steps=2)
   model = workdir.restore_model(
       run, lambda: build(trained), lambda: build(target),
-      lambda p, r: training.init_state(p, r, tx), target.exchange == trained.exchange, step)
+      lambda p, r: training.init_state(p, r, tx),
+      exchange.same_state(target.exchange, trained.exchange), step)
   return cfg, target, model
 
 
@@ -74,15 +75,16 @@ def evaluate(model: nnx.Module, cfg, model_cfg: vit.ViTConfig, split: data.Image
 
   @jax.jit
   def hits(params, rest, patches, positions, labels):
-    logits, _, _ = forward(params, rest, patches, positions)
-    return jnp.sum(jnp.argmax(logits, -1) == labels)
+    logits, rest, _ = forward(params, rest, patches, positions)
+    return jnp.sum(jnp.argmax(logits, -1) == labels), rest
 
   correct = 0
   for images, labels in data.batches(split, batch_size, rng=None, drop_remainder=False):
     patches, pos, labels = mesh_lib.to_global(
         (np.asarray(prepare(images, cfg, model_cfg.patch)), positions, labels), mesh,
         (1, 0, None))
-    correct += int(mesh_lib.fetch(hits(params, rest, patches, pos, labels)))
+    batch_hits, rest = hits(params, rest, patches, pos, labels)  # rest: fresh link losses
+    correct += int(mesh_lib.fetch(batch_hits))
   one = jax.ShapeDtypeStruct((1, model_cfg.num_patches,
                               model_cfg.patch ** 2 * model_cfg.channels), jnp.float32)
   return {
@@ -94,5 +96,6 @@ def evaluate(model: nnx.Module, cfg, model_cfg: vit.ViTConfig, split: data.Image
                                  tokens=model_cfg.num_patches, mesh_size=mesh_size,
                                  extra_formula_bytes=4 * model_cfg.num_classes),
       "class_token": model_cfg.class_token,
+      "drop_rate": model_cfg.exchange.drop_rate,
       "variant": model_cfg.variant,
   }
