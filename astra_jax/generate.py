@@ -49,18 +49,24 @@ def prefill(model: nnx.Module, tokens: jnp.ndarray, mesh_size: int):
     params, rest = mesh_lib.replicate((params, rest), mesh)
     run = mesh_lib.sequence_parallel(body, mesh, in_seq_dims=(None, None, 1, 0),
                                      out_seq_dims=(1, 0))
-    logits, views = jax.jit(run)(params, rest, tokens, jnp.arange(t))
+    tokens, positions = mesh_lib.to_global((tokens, jnp.arange(t)), mesh, (1, 0))
+    logits, views = jax.jit(run)(params, rest, tokens, positions)
   return logits, views
 
 
+def decode_device(mesh_size: int, prompt_len: int) -> jax.Device:
+  """The device holding the prompt's last token (it decodes alone)."""
+  padded = -(-prompt_len // mesh_size) * mesh_size
+  return jax.devices()[(prompt_len - 1) // (padded // mesh_size)]  # mesh order
+
+
 def _pad_cache(views, device: int, cache_len: int):
-  """Device ``device``'s view as a cache of ``cache_len`` slots, placed on that device."""
-  target = jax.devices()[device]  # make_seq_mesh uses jax.devices()[:P] in order
+  """Device ``device``'s view as a cache of ``cache_len`` slots, on that device."""
   cache = []
   for k, v in views:
-    k, v = k[device], v[device]
+    k, v = (mesh_lib.local_block(x, 0, device)[0] for x in (k, v))
     pad = [(0, 0), (0, cache_len - k.shape[1]), (0, 0), (0, 0)]
-    cache.append(jax.device_put((jnp.pad(k, pad), jnp.pad(v, pad)), target))
+    cache.append((jnp.pad(k, pad), jnp.pad(v, pad)))
   return cache
 
 
@@ -70,7 +76,8 @@ def generate(model: nnx.Module, prompt: list[int], max_new_tokens: int, *, mesh_
   """Yields new token ids: ASTRA prefill on ``mesh_size`` devices, cached decode on one.
 
   temperature 0 is greedy.  Raises ValueError when prompt + new tokens exceed
-  the model's context.
+  the model's context.  Across processes every process joins the prefill;
+  only the one owning ``decode_device`` yields tokens (the others yield none).
   """
   n = len(prompt)
   if n == 0:
@@ -82,10 +89,13 @@ def generate(model: nnx.Module, prompt: list[int], max_new_tokens: int, *, mesh_
   padded = -(-n // mesh_size) * mesh_size
   tokens = jnp.asarray([list(prompt) + [pad_id] * (padded - n)], jnp.int32)
   logits, views = prefill(model, tokens, mesh_size)
-  device = (n - 1) // (padded // mesh_size)
+  owner = decode_device(mesh_size, n)
+  if owner.process_index != jax.process_index():
+    return
+  device, block = (n - 1) // (padded // mesh_size), padded // mesh_size
   cache = _pad_cache(views, device, context)
-  step = _decode_step(model, jax.devices()[device])
-  last = jax.device_put(logits[:, n - 1], jax.devices()[device])
+  step = _decode_step(model, owner)
+  last = mesh_lib.local_block(logits, 1, device)[:, n - 1 - device * block]
   key = key if key is not None else jax.random.PRNGKey(0)
   for i in range(max_new_tokens):
     key, sub = jax.random.split(key)

@@ -132,6 +132,20 @@ def to_global(tree: Any, mesh: Mesh | None, seq_dims: Any) -> Any:
   return jax.tree.map(put, tree)
 
 
+def local_block(x: jax.Array, dim: int, index: int) -> jax.Array:
+  """Block ``index`` of ``x`` split evenly along ``dim``, on the device holding it.
+
+  For an array that is not split along ``dim`` (one device), block 0 is the
+  whole array.  Across processes only the process owning the block can ask.
+  """
+  for shard in x.addressable_shards:
+    start = shard.index[dim].start or 0
+    stop = x.shape[dim] if shard.index[dim].stop is None else shard.index[dim].stop
+    if start == index * (stop - start):
+      return shard.data
+  raise ValueError(f"block {index} along dim {dim} is not held by this process")
+
+
 def fetch(x: Any) -> Any:
   """Host numpy copies of (possibly multi-process) arrays, on every process."""
   def get(a):

@@ -8,7 +8,9 @@ perplexity, loss, exchange, mesh, groups, bits_per_token, bytes_per_device
 (read from the compiled program, one window per forward) and tokens.
 --prompt prefills across the mesh, then decodes on the device that holds the
 prompt's last token with a KV cache (its own K/V exact, the others' as the
-exchange delivered them), streaming the text.
+exchange delivered them), streaming the text.  In a multi-process run every
+process joins the prefill and the process owning that device decodes and
+streams (``decoded_by_process`` in the JSON; the others report no tokens).
 """
 
 from __future__ import annotations
@@ -80,8 +82,12 @@ def main(argv=None):
       stream = generate.generate(model, prompt, args.max_new_tokens, mesh_size=args.mesh,
                                  context=cfg.context, temperature=args.temperature,
                                  key=jax.random.PRNGKey(args.seed))
+      owner = generate.decode_device(args.mesh, len(prompt)).process_index
       new = []
-      sys.stdout.write(args.prompt)
+      if owner != jax.process_index():
+        print(f"prefill done; decoding continues on process {owner}", flush=True)
+      else:
+        sys.stdout.write(args.prompt)
       shown = ""
       for token in stream:  # decode incrementally so multi-byte characters print whole
         new.append(token)
@@ -90,9 +96,10 @@ def main(argv=None):
           sys.stdout.write(text[len(shown):])
           sys.stdout.flush()
           shown = text
-      sys.stdout.write(tokenizer.decode(new)[len(shown):] + "\n")
+      if owner == jax.process_index():
+        sys.stdout.write(tokenizer.decode(new)[len(shown):] + "\n")
       result.update(prompt_tokens=len(prompt), new_tokens=len(new),
-                    completion=tokenizer.decode(new))
+                    completion=tokenizer.decode(new), decoded_by_process=owner)
   except ValueError as e:
     cli.fail(str(e))
   cli.print_result(dict(result, workdir=args.workdir, mesh=args.mesh,

@@ -1,6 +1,7 @@
 """Real multi-process runs on this machine (jax.distributed over gloo) equal the
 one-process fake-device run; a dead rank stops the others quickly."""
 
+import json
 import os
 import signal
 import subprocess
@@ -41,6 +42,18 @@ def test_train_and_eval_across_processes_equal_one_process(corpus, tmp_path):
     assert out["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-5), procs
     assert out["loss"] == pytest.approx(ref["loss"], rel=1e-5)
   assert ref["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
+  # generation: prefill over 2 processes, the owner of the last prompt token decodes
+  gen = ["infer.gpt2", f"--workdir={tmp_path}/one", "--mesh=4", "--prompt", "Now is",
+         "--max-new-tokens=8"]
+  want = last_json(run(*gen))
+  proc = launch(2, *gen)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = [json.loads(line.split("] ", 1)[1]) for line in proc.stdout.splitlines()
+             if line.startswith("[rank ") and line.split("] ", 1)[1].startswith("{")]
+  decoded = [r for r in results if r["new_tokens"]]
+  assert len(results) == 2 and len(decoded) == 1
+  assert decoded[0]["completion"] == want["completion"]
+  assert decoded[0]["decoded_by_process"] == 1  # "Now is" ends in the second half
 
 
 def test_bad_flags_are_named(tmp_path):
