@@ -1,0 +1,255 @@
+"""The models the latency bench runs, and what it needs from each: bytes and seconds.
+
+A workload is a model family and config plus the sequence it prefills
+(ViT-B/16 on 512x512 images = 1024 patches, GPT-2 S/M on 1024 tokens, and the
+tiny CPU models this project trains).  For the latency model it supplies:
+
+  ``traffic``  collectives per layer and after the last layer, read from the
+               compiled program of a 1-layer and a 2-layer slice of the real
+               model (built abstractly with ``nnx.eval_shape``: compiled, never
+               run): per layer = (2 layers) - (1 layer), final = (1 layer) -
+               per layer, by collective kind.  Compiling 24 layers of GPT-2
+               medium on a CPU is slow; the slices give the same bytes.
+  ``costs``    analytic FLOPs/bytes (``astra_jax.flops``) of a layer and of the
+               embedding / head on one of P devices.
+  ``measure``  seconds on this host for one device's share: the per-device
+               program of a 1- and 2-layer slice is ``vmap``-ed over P (the
+               collectives become in-memory gathers), timed, and divided by P.
+
+The JAX imports sit inside the functions, so the CLI can set the number of
+fake CPU devices before jax starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Any
+
+from astra_jax import flops
+from astra_jax.latency import Transfer
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  name: str
+  family: str  # "vit" | "gpt2"
+  description: str
+  options: tuple[tuple[str, Any], ...]  # ViTConfig / GPT2Config fields
+  tiny: bool = False
+
+  def config(self, exchange=None):
+    from astra_jax import exchange as exchange_lib
+    from astra_jax.models import gpt2, vit
+    exchange = exchange or exchange_lib.make_exchange("exact")
+    cls = vit.ViTConfig if self.family == "vit" else gpt2.GPT2Config
+    return cls(exchange=exchange, **dict(self.options))
+
+  @property
+  def tokens(self) -> int:
+    cfg = self.config()
+    return cfg.num_patches if self.family == "vit" else cfg.context
+
+  @property
+  def layers(self) -> int:
+    return self.config().sizes[1]
+
+  @property
+  def shape(self) -> flops.LayerShape:
+    cfg = self.config()
+    if self.family == "vit":
+      width, _, heads, mlp = cfg.sizes
+      return flops.LayerShape(self.tokens, width, heads, mlp, private=1)
+    width, _, heads = cfg.sizes
+    return flops.LayerShape(self.tokens, width, heads, 4 * width)
+
+
+WORKLOADS = {w.name: w for w in [
+    Workload("vit-b16", "vit", "ViT-B/16, 512x512 RGB image = 1024 patches, 1000 classes",
+             (("variant", "B/16"), ("image_size", 512), ("channels", 3),
+              ("num_classes", 1000))),
+    Workload("gpt2-small", "gpt2", "GPT-2 small (124M), prefill of 1024 tokens",
+             (("variant", "small"), ("vocab_size", 50257), ("context", 1024))),
+    Workload("gpt2-medium", "gpt2", "GPT-2 medium (355M), prefill of 1024 tokens",
+             (("variant", "medium"), ("vocab_size", 50257), ("context", 1024))),
+    Workload("vit-mu7", "vit", "ViT-mu/7 on 28x28 Fashion-MNIST = 16 patches (tiny)",
+             (("variant", "mu/7"), ("image_size", 28), ("channels", 1),
+              ("num_classes", 10)), tiny=True),
+    Workload("gpt2-micro", "gpt2", "GPT-2 micro, byte tokens, prefill of 256 (tiny)",
+             (("variant", "micro"), ("vocab_size", 256), ("context", 256)), tiny=True),
+]}
+
+
+def get(name: str) -> Workload:
+  if name not in WORKLOADS:
+    raise ValueError(f"unknown model {name!r}; choose from {sorted(WORKLOADS)}")
+  return WORKLOADS[name]
+
+
+def costs(workload: Workload, mesh_size: int, exchange=None):
+  """(layer, embed, head) ``flops.Cost`` on one of ``mesh_size`` devices.
+
+  ViT: patch embedding of the local patches; head on the class token.
+  GPT-2: embedding lookups (memory only); the LM head on the last token only,
+  which is what a prefill returns (the next-token distribution).
+  """
+  shape = workload.shape
+  layer = flops.layer_cost(shape, mesh_size, exchange)
+  tl = shape.local_tokens(mesh_size)
+  cfg = workload.config()
+  s = shape.itemsize
+  if workload.family == "vit":
+    embed = flops.dense_cost(tl, cfg.patch * cfg.patch * cfg.channels, shape.width, s)
+    head = flops.dense_cost(1, shape.width, cfg.num_classes, s)
+  else:
+    embed = flops.Cost(0, 3 * tl * shape.width * s)  # two table rows read, sum written
+    head = flops.dense_cost(1, shape.width, cfg.vocab_size, s)
+  return layer, embed, head
+
+
+_BLOCKS = {"vit": "blocks", "gpt2": "h"}
+
+
+def _model(workload: Workload, exchange, layers: int, abstract: bool):
+  """The workload's model cut to its first ``layers`` blocks."""
+  from flax import nnx
+  from astra_jax.models import gpt2, vit
+  cfg = workload.config(exchange)
+  cls = vit.ViT if workload.family == "vit" else gpt2.GPT2
+  attr = _BLOCKS[workload.family]
+
+  def make():
+    model = cls(cfg, rngs=nnx.Rngs(0))
+    setattr(model, attr, nnx.List(list(getattr(model, attr))[:layers]))
+    return model
+
+  return nnx.eval_shape(make) if abstract else make()
+
+
+def _inputs(workload: Workload, batch: int = 1):
+  """(inputs, positions) as ShapeDtypeStructs for the whole sequence."""
+  import jax
+  import jax.numpy as jnp
+  cfg = workload.config()
+  t = workload.tokens
+  if workload.family == "vit":
+    x = jax.ShapeDtypeStruct((batch, t, cfg.patch * cfg.patch * cfg.channels), jnp.float32)
+  else:
+    x = jax.ShapeDtypeStruct((batch, t), jnp.int32)
+  return x, jax.ShapeDtypeStruct((t,), jnp.int32)
+
+
+def _out_seq_dim(workload: Workload):
+  return None if workload.family == "vit" else 1  # ViT logits are mesh-averaged
+
+
+def _by_kind(report) -> dict[str, tuple[int, int]]:
+  out = {}
+  for kind, row in report.by_kind().items():
+    out[kind] = (row["count"], row["operand_bytes"])
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerTraffic:
+  """Collectives of one layer and of the rest of the forward, from compiled HLO."""
+
+  per_layer: tuple[Transfer, ...]
+  final: tuple[Transfer, ...]
+
+  @property
+  def layer_bytes(self) -> int:
+    return sum(t.operand_bytes for t in self.per_layer)
+
+  @property
+  def final_bytes(self) -> int:
+    return sum(t.operand_bytes for t in self.final)
+
+  def total_bytes(self, layers: int) -> int:
+    return layers * self.layer_bytes + self.final_bytes
+
+
+def traffic(workload: Workload, exchange, mesh_size: int) -> LayerTraffic:
+  """Per-layer and final collectives of ``workload`` on ``mesh_size`` devices (HLO)."""
+  if mesh_size == 1:
+    return LayerTraffic((), ())
+  import jax
+  from astra_jax import apply, mesh as mesh_lib
+  from astra_jax import traffic as traffic_lib
+  mesh_lib.check_divisible(workload.tokens, mesh_size)
+  mesh = mesh_lib.make_seq_mesh(mesh_size)
+  kinds = []
+  for layers in (1, 2):
+    graphdef, params, rest = apply.split_model(_model(workload, exchange, layers, True))
+    fn = jax.jit(apply.sequence_apply(graphdef, mesh, in_seq_dims=(1, 0), train=False,
+                                      out_seq_dim=_out_seq_dim(workload)))
+    kinds.append(_by_kind(traffic_lib.compiled_traffic(fn, params, rest, *_inputs(workload))))
+  one, two = kinds
+  per_layer, final = [], []
+  for kind in sorted(set(one) | set(two)):
+    c1, b1 = one.get(kind, (0, 0))
+    c2, b2 = two.get(kind, (0, 0))
+    layer = (c2 - c1, b2 - b1)
+    rest_ = (c1 - layer[0], b1 - layer[1])
+    if min(*layer, *rest_) < 0:
+      raise ValueError(f"{workload.name}: the {kind} traffic of 1 and 2 layers is not "
+                       "one per-layer part plus a fixed part; cannot scale it to all layers")
+    if layer[0]:
+      per_layer.append(Transfer(kind, *layer))
+    if rest_[0]:
+      final.append(Transfer(kind, *rest_))
+  return LayerTraffic(tuple(per_layer), tuple(final))
+
+
+def _time(fn, args, repeats: int) -> float:
+  import jax
+  jax.block_until_ready(fn(*args))  # compile + warm-up
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def measure(workload: Workload, exchange, mesh_size: int, repeats: int = 5):
+  """(layer seconds, embed + head seconds) of one device's share, timed on this host.
+
+  The per-device program is vmapped over the ``mesh_size`` shares on one
+  device (collectives become gathers in memory), timed for 1- and 2-layer
+  slices (median of ``repeats`` after a warm-up) and divided by ``mesh_size``:
+  per layer = t2 - t1, the rest = t1 - per layer.
+  """
+  import jax
+  import jax.numpy as jnp
+  from astra_jax import apply, mesh as mesh_lib
+  tl = mesh_lib.check_divisible(workload.tokens, mesh_size)
+  x_sds, _ = _inputs(workload)
+  key = jax.random.PRNGKey(0)
+  if workload.family == "vit":
+    x = jax.random.normal(key, x_sds.shape, x_sds.dtype)
+  else:
+    x = jax.random.randint(key, x_sds.shape, 0, workload.config().vocab_size)
+  # [B, T, ...] -> [P, B, Tl, ...]; positions [P, Tl]
+  shares = jnp.stack(jnp.split(x, mesh_size, axis=1))
+  positions = jnp.arange(workload.tokens).reshape(mesh_size, tl)
+  seconds = []
+  for layers in (1, 2):
+    graphdef, params, rest = apply.split_model(_model(workload, exchange, layers, False))
+    body = apply.sequence_apply(graphdef, None, in_seq_dims=(1, 0), train=False)
+
+    def run(params, rest, shares, positions, body=body):
+      if mesh_size == 1:
+        return body(params, rest, shares[0], positions[0])
+      with mesh_lib.seq_axis(mesh_lib.SEQ_AXIS):
+        return jax.vmap(body, in_axes=(None, None, 0, 0),
+                        axis_name=mesh_lib.SEQ_AXIS)(params, rest, shares, positions)
+
+    seconds.append(_time(jax.jit(run), (params, rest, shares, positions), repeats) / mesh_size)
+  t1, t2 = seconds
+  layer = t2 - t1
+  if layer <= 0:  # timing noise on a loaded machine: split the 2-layer time evenly
+    return t2 / 2, 0.0
+  return layer, max(t1 - layer, 0.0)
+

@@ -1,0 +1,260 @@
+"""Prefill latency for models x devices x bandwidths x exchanges: HLO bytes + a latency model.
+
+  python -m infer.bench                       # the full matrix, into results/bench/
+  python -m infer.bench --tiny --out /tmp/b   # CI: tiny models, a few points, seconds
+  python -m infer.bench --models vit-b16 --mesh 1 4 --bandwidths 10 \\
+      --exchanges exact vq:groups=32 --profiles gtx1660ti
+
+Bytes per device come from the compiled program of each (model, P, exchange)
+(``astra_jax.workloads.traffic``, cached); compute from a device profile's
+roofline (``astra_jax.devices``) or, for profile ``measured`` (``--measure``
+adds it for the tiny models), timed on this host; ``astra_jax.latency``
+combines them.  Exchanges are spec strings: a name from
+``astra_jax.exchange.available()`` and options, e.g. ``vq:groups=32`` or
+``vq:groups=1,codebook_size=256``.  Writes bench.json (every row), bench.md
+(tables and the comparison with the ASTRA paper) and PNG plots to --out; the
+last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from astra_jax import cli
+
+FULL = dict(models=["vit-b16", "gpt2-small", "gpt2-medium", "vit-mu7", "gpt2-micro"],
+            mesh=[1, 2, 4, 8], bandwidths=[10, 20, 50, 100, 500, 1000],
+            exchanges=["exact", "vq:groups=32", "vq:groups=1"],
+            profiles=["gtx1660ti", "orin-nano", "rpi5", "h100"])
+TINY = dict(models=["vit-mu7", "gpt2-micro"], mesh=[1, 4], bandwidths=[10, 1000],
+            exchanges=["exact", "vq:groups=32"], profiles=["gtx1660ti"])
+MEASURED = "measured"
+
+
+def parse(argv):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--tiny", action="store_true", help="the small CI configuration (defaults "
+                 "below become " + ", ".join(f"{k}={v}" for k, v in TINY.items()) + ")")
+  p.add_argument("--models", nargs="+", help=f"default {FULL['models']}")
+  p.add_argument("--mesh", nargs="+", type=int, help=f"devices P, default {FULL['mesh']}")
+  p.add_argument("--bandwidths", nargs="+", type=float,
+                 help=f"Mbit/s, default {FULL['bandwidths']}")
+  p.add_argument("--trace", default=None,
+                 help="also a dynamic network: SECONDS:MBITS pairs, e.g. '0:100,0.2:10,1:50'")
+  p.add_argument("--exchanges", nargs="+", help=f"exchange specs, default {FULL['exchanges']}")
+  p.add_argument("--profiles", nargs="+", help=f"device profiles (see astra_jax.devices, "
+                 f"'host', '{MEASURED}'), default {FULL['profiles']}")
+  p.add_argument("--measure", action="store_true",
+                 help=f"add profile '{MEASURED}' (timed on this host) for the tiny models")
+  p.add_argument("--host-profile", default=os.path.join("results", "host_profile.json"),
+                 help="file written by python -m infer.profile_host")
+  p.add_argument("--topology", nargs="+", default=["switched"],
+                 help="switched (full duplex, default) and/or shared (one medium)")
+  p.add_argument("--latency-ms", type=float, default=1.0,
+                 help="fixed latency per collective message, ms")
+  p.add_argument("--efficiency", type=float, default=1.0,
+                 help="fraction of a profile's peak FLOP/s reached (roofline)")
+  p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
+  p.add_argument("--out", default=os.path.join("results", "bench"))
+  args = p.parse_args(argv)
+  for key, value in (TINY if args.tiny else FULL).items():
+    if getattr(args, key) is None:
+      setattr(args, key, list(value))
+  return args
+
+
+def exchange_from_spec(spec: str):
+  """'vq:groups=32,codebook_size=1024' -> astra_jax.exchange strategy (ValueError if bad)."""
+  from astra_jax import exchange
+  name, _, opts = spec.partition(":")
+  options = {}
+  for item in filter(None, opts.split(",")):
+    key, eq, value = item.partition("=")
+    if not eq:
+      raise ValueError(f"exchange spec {spec!r}: write options as key=value, "
+                       "e.g. vq:groups=32,codebook_size=1024")
+    options[key.strip()] = _value(value.strip())
+  return exchange.make_exchange(name.strip(), **options)
+
+
+def _value(text: str):
+  for cast in (int, float):
+    try:
+      return cast(text)
+    except ValueError:
+      pass
+  return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def validate(args) -> None:
+  """Checks that need no JAX; ValueError naming the fix."""
+  from astra_jax import devices, latency, workloads
+  for name in args.models:
+    workloads.get(name)
+  for name in args.profiles:
+    if name != MEASURED:
+      devices.get(name, args.host_profile)
+  if any(p < 1 for p in args.mesh):
+    raise ValueError(f"--mesh sizes must be >= 1, got {args.mesh}")
+  if any(not b > 0 for b in args.bandwidths):
+    raise ValueError(f"--bandwidths must be positive (Mbit/s), got {args.bandwidths}")
+  for topology in args.topology:
+    latency.check_topology(topology)
+  if args.trace:
+    latency.Trace.parse(args.trace)
+  if args.latency_ms < 0 or not 0 < args.efficiency <= 1 or args.repeats < 1:
+    raise ValueError("--latency-ms must be >= 0, --efficiency in (0, 1], --repeats >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  """One device's compute seconds: per layer, embedding, head."""
+
+  layer_s: float
+  embed_s: float
+  head_s: float
+
+
+def main(argv=None):
+  args = parse(sys.argv[1:] if argv is None else argv)
+  try:
+    validate(args)
+  except ValueError as e:
+    cli.fail(str(e))
+  cli.ensure_cpu_devices(max(args.mesh))
+  try:
+    rows, paper = run(args)
+  except ValueError as e:
+    cli.fail(str(e))
+  from infer import bench_report
+  files = bench_report.write(args.out, rows, paper, command=_command(argv))
+  if paper:
+    print(bench_report.paper_text(paper))
+  cli.print_result({"out": args.out, "rows": len(rows), "files": files, "paper": paper})
+
+
+def _command(argv) -> str:
+  return " ".join(["python -m infer.bench", *(sys.argv[1:] if argv is None else argv)])
+
+
+def run(args):
+  """Every row of the matrix, and the paper-comparison numbers (or None)."""
+  import tqdm
+  from astra_jax import devices, latency, mesh as mesh_lib, workloads
+
+  models = [workloads.get(m) for m in args.models]
+  exchanges = {spec: exchange_from_spec(spec) for spec in args.exchanges}
+  # exact SP is every row's baseline, run even when not asked for
+  exact_spec = next((s for s, e in exchanges.items() if e.name == "exact"), "exact")
+  exchanges_all = {exact_spec: exchange_from_spec(exact_spec), **exchanges}
+  for w in models:
+    for p in args.mesh:
+      mesh_lib.check_divisible(w.tokens, p, what=f"{w.name} token")
+    for spec, ex in exchanges_all.items():
+      try:
+        ex.bytes_per_token(w.shape.width, "float32")
+      except ValueError as e:
+        raise ValueError(f"exchange {spec!r} does not fit {w.name}: {e}") from None
+
+  profiles = {name: devices.get(name, args.host_profile)
+              for name in args.profiles if name != MEASURED}
+  measured_models = [w for w in models if w.tiny] if args.measure else []
+  if MEASURED in args.profiles:
+    measured_models = models
+  meshes = sorted(set(args.mesh) | {1})
+
+  # the expensive part: compile (and time) each (model, P, exchange) once
+  tasks = [("traffic", w, p, spec) for w in models for p in meshes if p > 1
+           for spec in exchanges_all]
+  tasks += [("measure", w, p, spec) for w in measured_models for p in meshes
+            for spec in exchanges_all if p > 1 or spec == exact_spec]
+  traffic, timed = {}, {}
+  bar = tqdm.tqdm(tasks, desc="compile/measure", unit="program", file=sys.stderr)
+  for kind, w, p, spec in bar:
+    bar.set_postfix_str(f"{w.name} P={p} {spec}")
+    if kind == "traffic":
+      traffic[w.name, p, spec] = workloads.traffic(w, exchanges_all[spec], p)
+    else:
+      layer_s, extra_s = workloads.measure(w, exchanges_all[spec], p, args.repeats)
+      timed[w.name, p, spec] = Point(layer_s, extra_s, 0.0)
+
+  def point(w, source, p, spec) -> Point:
+    if source == MEASURED:
+      return timed[w.name, p, spec if p > 1 else exact_spec]
+    prof = profiles[source]
+    layer, embed, head = workloads.costs(w, p, exchanges_all[spec])
+    secs = [latency.roofline_seconds(c, prof.peak_flops, prof.mem_bandwidth, args.efficiency)
+            for c in (layer, embed, head)]
+    return Point(*secs)
+
+  networks = [(b, latency.Trace.constant(b)) for b in args.bandwidths]
+  if args.trace:
+    networks.append((None, latency.Trace.parse(args.trace)))
+
+  def latency_of(w, source, p, spec, trace, topology):
+    pt = point(w, source, p, spec)
+    tr = traffic.get((w.name, p, spec), workloads.LayerTraffic((), ()))
+    net = latency.Network(trace, topology, args.latency_ms / 1e3)
+    return latency.prefill_latency(
+        layers=w.layers, layer_compute_s=pt.layer_s, layer_transfers=tr.per_layer,
+        mesh_size=p, network=net, embed_s=pt.embed_s, head_s=pt.head_s,
+        final_transfers=tr.final), tr
+
+  def row(w, source, p, spec, mbps, trace, topology):
+    single, _ = latency_of(w, source, 1, exact_spec, trace, topology)
+    exact, _ = latency_of(w, source, p, exact_spec, trace, topology)
+    lat, tr = latency_of(w, source, p, spec, trace, topology)
+    return {
+        "model": w.name, "tokens": w.tokens, "layers": w.layers, "profile": source,
+        "compute": "measured" if source == MEASURED else "roofline",
+        "topology": topology, "mesh": p, "bandwidth_mbps": mbps,
+        "bandwidth": f"{mbps:g}" if mbps else trace.label(), "exchange": spec,
+        "bytes_per_device": tr.total_bytes(w.layers),
+        "bytes_per_device_per_layer": tr.layer_bytes,
+        "collectives_per_layer": sum(t.count for t in tr.per_layer),
+        **{k: float(f"{v:.6g}") for k, v in (
+            ("compute_s", lat.compute_s), ("comm_s", lat.comm_s),
+            ("latency_s", lat.total_s), ("single_device_s", single.total_s),
+            ("exact_sp_s", exact.total_s),
+            ("speedup_vs_single", single.total_s / lat.total_s),
+            ("speedup_vs_exact", exact.total_s / lat.total_s))},
+    }
+
+  rows = []
+  sources = [*profiles] + ([MEASURED] if measured_models else [])
+  for w in models:
+    for source in sources:
+      if source == MEASURED and w not in measured_models:
+        continue
+      for topology in args.topology:
+        for mbps, trace in networks:
+          for p in args.mesh:
+            for spec in exchanges:
+              rows.append(row(w, source, p, spec, mbps, trace, topology))
+
+  # the ASTRA paper's operating point, on both topologies, when the matrix has its programs
+  g32 = [s for s, e in exchanges.items()
+         if e.name == "vq" and e.groups == 32 and e.codebook_size == 1024]
+  paper = None
+  if PAPER["model"] in args.models and PAPER["mesh"] in args.mesh and g32:
+    profiles.setdefault(PAPER["profile"], devices.get(PAPER["profile"]))
+    w, mbps = workloads.get(PAPER["model"]), PAPER["bandwidth_mbps"]
+    paper = {
+        "setting": {k: PAPER[k] for k in ("profile", "model", "mesh", "bandwidth_mbps")},
+        "paper": {k: PAPER[k] for k in ("speedup_vs_single", "speedup_vs_exact")},
+        "latency_ms_per_message": args.latency_ms, "efficiency": args.efficiency,
+        "ours": {t: row(w, PAPER["profile"], PAPER["mesh"], g32[0], mbps,
+                        latency.Trace.constant(mbps), t) for t in latency.TOPOLOGIES}}
+  return rows, paper
+
+
+# ASTRA (arXiv 2505.19342): GTX 1660 Ti, 4 devices, ViT-B/16 1024 tokens, 10 Mbit/s, G=32
+PAPER = {"profile": "gtx1660ti", "model": "vit-b16", "mesh": 4, "bandwidth_mbps": 10.0,
+         "speedup_vs_single": 2.64, "speedup_vs_exact": 171.8}
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,74 @@
+"""python -m infer.bench end to end: tiny matrix, measured compute, paper point, bad input."""
+
+import json
+
+import pytest
+
+from infer import bench
+from tests.cli_helpers import assert_clean_errors, last_json, run
+
+
+def test_tiny_bench_writes_json_markdown_and_plots(tmp_path):
+  out = tmp_path / "bench"
+  result = last_json(run("infer.bench", "--tiny", "--out", str(out), "--trace", "0:10,0.005:1000",
+                         timeout=300))
+  data = json.loads((out / "bench.json").read_text())
+  rows = data["rows"]
+  # 2 models x 1 profile x 1 topology x (2 bandwidths + trace) x 2 mesh sizes x 2 exchanges
+  assert result["rows"] == len(rows) == 24
+  for r in rows:
+    assert r["latency_s"] == pytest.approx(r["compute_s"] + r["comm_s"], rel=1e-5)  # 6 digits
+    if r["mesh"] == 1:
+      assert r["bytes_per_device"] == 0 and r["speedup_vs_single"] == pytest.approx(1)
+    if r["exchange"] == "exact":
+      assert r["speedup_vs_exact"] == pytest.approx(1)
+  g32 = next(r for r in rows if r["model"] == "gpt2-micro" and r["mesh"] == 4
+             and r["exchange"] == "vq:groups=32")
+  assert g32["bytes_per_device"] == 4 * 2 * 64 * 40  # layers x (K, V) x T/P x 40 bytes
+  assert {r["bandwidth"] for r in rows} == {"10", "1000", "trace:0:10,0.005:1000"}
+  md = (out / "bench.md").read_text()
+  assert "python -m infer.bench --tiny" in md and "| gpt2-micro | 4 | vq:groups=32 |" in md
+  pngs = sorted(p.name for p in out.glob("*.png"))
+  assert pngs == ["latency_vs_bandwidth_gtx1660ti.png", "speedup_vs_devices_gtx1660ti.png"]
+  assert all((out / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_measured_compute_and_paper_comparison(tmp_path, capsys):
+  bench.main(["--models", "vit-mu7", "--mesh", "1", "2", "--bandwidths", "100",
+              "--exchanges", "vq:groups=32", "--profiles", "gtx1660ti", "--measure",
+              "--repeats", "1", "--out", str(tmp_path / "m")])
+  rows = json.loads((tmp_path / "m" / "bench.json").read_text())["rows"]
+  measured = [r for r in rows if r["profile"] == "measured"]
+  assert len(measured) == 2 and all(r["compute_s"] > 0 for r in measured)
+
+  bench.main(["--models", "vit-b16", "--mesh", "4", "--bandwidths", "10", "--exchanges",
+              "vq:groups=32", "--profiles", "gtx1660ti", "--out", str(tmp_path / "p")])
+  paper = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["paper"]
+  ours = paper["ours"]["switched"]
+  assert paper["paper"] == {"speedup_vs_single": 2.64, "speedup_vs_exact": 171.8}
+  # compute is shared, so the gain over exact SP stays under the 76.8x byte ratio
+  assert 1 < ours["speedup_vs_exact"] < 76.8
+  assert "Comparison with the ASTRA paper" in (tmp_path / "p" / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--models", "vit-z"], "unknown model"),
+    (["--profiles", "tpu"], "unknown device profile"),
+    (["--profiles", "host", "--host-profile", "/nonexistent.json"], "infer.profile_host"),
+    (["--tiny", "--bandwidths", "0"], "must be positive"),
+    (["--tiny", "--topology", "ring"], "unknown topology"),
+    (["--tiny", "--trace", "0-10"], "SECONDS:MBITS"),
+    (["--tiny", "--mesh", "3"], "not divisible by the mesh size 3"),
+    (["--tiny", "--exchanges", "ring"], "unknown exchange"),
+    (["--tiny", "--exchanges", "vq:grups=32"], "has no option"),
+    (["--tiny", "--exchanges", "vq:groups=7"], "does not fit vit-mu7"),
+])
+def test_bad_input_is_one_clear_line(argv, message, tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    bench.main([*argv, "--out", str(tmp_path)])
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert e.value.code == 2 and err.startswith("error: ") and message in err, err
+
+
+def test_bad_input_exits_2_without_traceback():
+  assert_clean_errors([(("infer.bench", "--models", "vit-z"), "unknown model")])
