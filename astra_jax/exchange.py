@@ -69,6 +69,28 @@ def make_exchange(name: str, **options) -> "Exchange":
   return cls(**options)
 
 
+def from_spec(spec: str) -> "Exchange":
+  """'vq:groups=32,codebook_size=1024' -> a strategy (ValueError naming the fix)."""
+  name, _, opts = spec.partition(":")
+  options = {}
+  for item in filter(None, opts.split(",")):
+    key, eq, value = item.partition("=")
+    if not eq:
+      raise ValueError(f"exchange spec {spec!r}: write options as key=value, "
+                       "e.g. vq:groups=32,codebook_size=1024")
+    options[key.strip()] = _spec_value(value.strip())
+  return make_exchange(name.strip(), **options)
+
+
+def _spec_value(text: str):
+  for cast in (int, float):
+    try:
+      return cast(text)
+    except ValueError:
+      pass
+  return {"true": True, "false": False}.get(text.lower(), text)
+
+
 def same_state(a: "Exchange", b: "Exchange") -> bool:
   """Whether a model trained with exchange ``a`` can reuse its state under ``b``
   (the same strategy and options; the simulated link loss may differ)."""

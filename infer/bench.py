@@ -66,29 +66,6 @@ def parse(argv):
   return args
 
 
-def exchange_from_spec(spec: str):
-  """'vq:groups=32,codebook_size=1024' -> astra_jax.exchange strategy (ValueError if bad)."""
-  from astra_jax import exchange
-  name, _, opts = spec.partition(":")
-  options = {}
-  for item in filter(None, opts.split(",")):
-    key, eq, value = item.partition("=")
-    if not eq:
-      raise ValueError(f"exchange spec {spec!r}: write options as key=value, "
-                       "e.g. vq:groups=32,codebook_size=1024")
-    options[key.strip()] = _value(value.strip())
-  return exchange.make_exchange(name.strip(), **options)
-
-
-def _value(text: str):
-  for cast in (int, float):
-    try:
-      return cast(text)
-    except ValueError:
-      pass
-  return {"true": True, "false": False}.get(text.lower(), text)
-
-
 def validate(args) -> None:
   """Checks that need no JAX; ValueError naming the fix."""
   from astra_jax import devices, latency, workloads
@@ -143,13 +120,13 @@ def _command(argv) -> str:
 def run(args):
   """Every row of the matrix, and the paper-comparison numbers (or None)."""
   import tqdm
-  from astra_jax import devices, latency, mesh as mesh_lib, workloads
+  from astra_jax import devices, exchange, latency, mesh as mesh_lib, workloads
 
   models = [workloads.get(m) for m in args.models]
-  exchanges = {spec: exchange_from_spec(spec) for spec in args.exchanges}
+  exchanges = {spec: exchange.from_spec(spec) for spec in args.exchanges}
   # exact SP is every row's baseline, run even when not asked for
   exact_spec = next((s for s, e in exchanges.items() if e.name == "exact"), "exact")
-  exchanges_all = {exact_spec: exchange_from_spec(exact_spec), **exchanges}
+  exchanges_all = {exact_spec: exchange.from_spec(exact_spec), **exchanges}
   for w in models:
     for p in args.mesh:
       mesh_lib.check_divisible(w.tokens, p, what=f"{w.name} token")

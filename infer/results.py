@@ -83,6 +83,8 @@ GPT2 = Task(
          ["--config.vq.groups=1"], False),
         ("vq_g32_nonoise", "ASTRA G=32, no noise",
          ["--config.vq.groups=32", "--config.vq.noise_scale=0"], True),
+        # the same fine-tuning with the exact exchange: what the extra steps alone buy
+        ("exact_ft", "exact, fine-tuned like the ASTRA rows", ["--config.exchange=exact"], True),
     ],
     results="results/gpt2_shakespeare.json", default_steps=150)
 
