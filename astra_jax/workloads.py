@@ -73,6 +73,9 @@ WORKLOADS = {w.name: w for w in [
              (("variant", "small"), ("vocab_size", 50257), ("context", 1024))),
     Workload("gpt2-medium", "gpt2", "GPT-2 medium (355M), prefill of 1024 tokens",
              (("variant", "medium"), ("vocab_size", 50257), ("context", 1024))),
+    Workload("gpt2-mini", "gpt2", "GPT-2 mini (256 x 6), byte tokens, prefill of 1024 "
+             "(the testbed's mid-size model)",
+             (("variant", "mini"), ("vocab_size", 256), ("context", 1024))),
     Workload("vit-mu7", "vit", "ViT-mu/7 on 28x28 Fashion-MNIST = 16 patches (tiny)",
              (("variant", "mu/7"), ("image_size", 28), ("channels", 1),
               ("num_classes", 10)), tiny=True),
@@ -216,10 +219,13 @@ def _time(fn, args, repeats: int) -> float:
 def measure(workload: Workload, exchange, mesh_size: int, repeats: int = 5):
   """(layer seconds, embed + head seconds) of one device's share, timed on this host.
 
-  The per-device program is vmapped over the ``mesh_size`` shares on one
-  device (collectives become gathers in memory), timed for 1- and 2-layer
-  slices (median of ``repeats`` after a warm-up) and divided by ``mesh_size``:
-  per layer = t2 - t1, the rest = t1 - per layer.
+  The forward runs on a mesh of ``mesh_size`` fake CPU devices sharing this
+  host's cores (collectives are memory copies), so the time divided by
+  ``mesh_size`` is one device's compute when the devices' work serialises on
+  the cores (run under ``taskset -c 0`` to model one core per device).  Timed
+  for 1- and 2-layer slices (median of ``repeats`` after a warm-up): per layer
+  = t2 - t1, the rest = t1 - per layer.  Without enough devices the
+  per-device program is vmapped over the shares on one device instead.
   """
   import jax
   import jax.numpy as jnp
@@ -231,22 +237,28 @@ def measure(workload: Workload, exchange, mesh_size: int, repeats: int = 5):
     x = jax.random.normal(key, x_sds.shape, x_sds.dtype)
   else:
     x = jax.random.randint(key, x_sds.shape, 0, workload.config().vocab_size)
-  # [B, T, ...] -> [P, B, Tl, ...]; positions [P, Tl]
-  shares = jnp.stack(jnp.split(x, mesh_size, axis=1))
-  positions = jnp.arange(workload.tokens).reshape(mesh_size, tl)
+  positions = jnp.arange(workload.tokens)
+  on_mesh = mesh_size == 1 or len(jax.devices()) >= mesh_size
   seconds = []
   for layers in (1, 2):
-    graphdef, params, rest = apply.split_model(_model(workload, exchange, layers, False))
+    model = _model(workload, exchange, layers, False)
+    if on_mesh:
+      run, params, rest = apply.inference_forward(
+          model, mesh_size, out_seq_dim=None if workload.family == "vit" else 1)
+      inputs = mesh_lib.to_global((x, positions), mesh_lib.seq_mesh_or_none(mesh_size), (1, 0))
+      seconds.append(_time(run, (params, rest, *inputs), repeats) / mesh_size)
+      continue
+    graphdef, params, rest = apply.split_model(model)
     body = apply.sequence_apply(graphdef, None, in_seq_dims=(1, 0), train=False)
+    shares = jnp.stack(jnp.split(x, mesh_size, axis=1))  # [P, B, Tl, ...]
+    pos = positions.reshape(mesh_size, tl)
 
-    def run(params, rest, shares, positions, body=body):
-      if mesh_size == 1:
-        return body(params, rest, shares[0], positions[0])
+    def vmapped(params, rest, shares, pos, body=body):
       with mesh_lib.seq_axis(mesh_lib.SEQ_AXIS):
         return jax.vmap(body, in_axes=(None, None, 0, 0),
-                        axis_name=mesh_lib.SEQ_AXIS)(params, rest, shares, positions)
+                        axis_name=mesh_lib.SEQ_AXIS)(params, rest, shares, pos)
 
-    seconds.append(_time(jax.jit(run), (params, rest, shares, positions), repeats) / mesh_size)
+    seconds.append(_time(jax.jit(vmapped), (params, rest, shares, pos), repeats) / mesh_size)
   t1, t2 = seconds
   layer = t2 - t1
   if layer <= 0:  # timing noise on a loaded machine: split the 2-layer time evenly
