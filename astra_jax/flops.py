@@ -8,13 +8,13 @@ the T shared tokens plus per-device tokens such as ViT's class token) and
 attends to ``Tk = T + private`` keys; masked logits (causal) are computed too,
 as the dense implementation does.  With width D, H heads, MLP width M:
 
-  qkv       2 n D 3D
+  qkv       2 n D (D + 2 Dkv)    Dkv = D, or KV heads x head dim with GQA
   scores    2 n Tk D            Q K^T over all heads
   softmax   5 n H Tk            max, subtract, exp, sum, divide
   values    2 n Tk D            weights @ V
   proj      2 n D D
-  mlp       2 n D M + 2 n M D
-  total     8 n D^2 + 4 n D M + 4 n Tk D + 5 n H Tk  (+ the exchange's work)
+  mlp       2 m n D M           m = 2 matrices (GELU MLP) or 3 (SwiGLU)
+  total     4 n D^2 + 4 n D Dkv + 2 m n D M + 4 n Tk D + 5 n H Tk  (+ the exchange's work)
 
 Elementwise work (LayerNorm, GELU, residual adds, biases) is left out: XLA's
 own FLOP count of a compiled layer is within 0.5% of this total for ViT-B/16
@@ -26,14 +26,15 @@ read once; every activation (LayerNorm outputs, QKV, the full K/V, logits and
 softmax weights, attention output, MLP hidden and output) written once and
 read once:
 
-  bytes = s (4 D^2 + 2 D M + 9 D + M) + 2 s (n (8 D + 2 M) + 2 Tk D + 2 n H Tk)
+  bytes = s (2 D^2 + 2 D Dkv + m D M + 9 D + M)
+          + 2 s (n (6 D + 2 Dkv + m M) + 2 Tk Dkv + 2 n H Tk)
 
 Exchanges add their own work through ``EXCHANGE_COSTS`` (per device, P > 1):
 
   exact  nothing (the all_gather is communication only)
   vq     per tensor (K and V), for the ns = T/P tokens this device encodes into
-         G groups of K_cb entries: distances 2 ns K_cb D + 2 ns G K_cb (|e|^2
-         add and argmin) + 2 K_cb D (|e|^2); bytes: the codebook twice (K_cb D s
+         G groups of K_cb entries: distances 2 ns K_cb Dkv + 2 ns G K_cb (|e|^2
+         add and argmin) + 2 K_cb Dkv (|e|^2); bytes: the codebook twice (K_cb Dkv s
          each) and the distance matrix written and read (2 ns G K_cb s).
          Decoding is a gather whose output is the K/V already counted above.
 """
@@ -66,6 +67,8 @@ class LayerShape:
   width, heads, mlp: D, H, M
   private: per-device tokens that never cross the mesh (ViT's class token)
   itemsize: bytes per activation/weight element (4 for float32)
+  kv_width: Dkv, the K (or V) width per token (None: D; GQA: KV heads x head dim)
+  mlp_matrices: 2 for a GELU MLP, 3 for SwiGLU (gate, up, down)
   """
 
   tokens: int
@@ -74,6 +77,12 @@ class LayerShape:
   mlp: int
   private: int = 0
   itemsize: int = 4
+  kv_width: int | None = None
+  mlp_matrices: int = 2
+
+  @property
+  def kv(self) -> int:
+    return self.width if self.kv_width is None else self.kv_width
 
   def local_tokens(self, mesh_size: int) -> int:
     if mesh_size < 1 or self.tokens % mesh_size:
@@ -85,11 +94,13 @@ class LayerShape:
 def layer_cost(shape: LayerShape, mesh_size: int, exchange: Any = None) -> Cost:
   """One layer's FLOPs and bytes on one of ``mesh_size`` devices (formula above)."""
   d, h, m, s = shape.width, shape.heads, shape.mlp, shape.itemsize
+  dkv, mats = shape.kv, shape.mlp_matrices
   n = shape.local_tokens(mesh_size) + shape.private
   tk = shape.tokens + shape.private
-  flops = 8 * n * d * d + 4 * n * d * m + 4 * n * tk * d + 5 * n * h * tk
-  weights = 4 * d * d + 2 * d * m + 9 * d + m
-  activations = n * (8 * d + 2 * m) + 2 * tk * d + 2 * n * h * tk
+  flops = 4 * n * d * d + 4 * n * d * dkv + 2 * mats * n * d * m + 4 * n * tk * d \
+      + 5 * n * h * tk
+  weights = 2 * d * d + 2 * d * dkv + mats * d * m + 9 * d + m
+  activations = n * (6 * d + 2 * dkv + mats * m) + 2 * tk * dkv + 2 * n * h * tk
   cost = Cost(flops, s * weights + 2 * s * activations)
   if exchange is not None and mesh_size > 1:
     cost = cost + exchange_cost(exchange, shape, mesh_size)
@@ -132,7 +143,7 @@ def _exact_cost(exchange, shape, mesh_size) -> Cost:
 
 @register_exchange_cost("vq")
 def _vq_cost(exchange, shape, mesh_size) -> Cost:
-  g, k, d, s = exchange.groups, exchange.codebook_size, shape.width, shape.itemsize
+  g, k, d, s = exchange.groups, exchange.codebook_size, shape.kv, shape.itemsize
   ns = shape.local_tokens(mesh_size)
   per_tensor = Cost(2 * ns * k * d + 2 * ns * g * k + 2 * k * d,
                     s * (2 * k * d + 2 * ns * g * k))
