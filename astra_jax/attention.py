@@ -6,6 +6,9 @@ strategy.  Causal attention uses global token positions, so device i sees all
 tokens of devices < i, a causal triangle of its own block, and nothing of
 devices > i.  Grouped-query attention (fewer K/V heads than query heads) is
 supported: K/V heads are exchanged once and shared by their query heads.
+Position-dependent maps (RoPE) can be applied after the exchange through
+``query_transform`` / ``key_transform``: keys then cross the link as the model
+produced them and are rotated by the receiver at their global positions.
 
 ``attend`` is the pure function; ``SequenceAttention`` is the thin Flax NNX
 holder that keeps the strategy's state (codebooks) and is what models call.
@@ -13,7 +16,7 @@ holder that keeps the strategy's state (codebooks) and is what models call.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -61,13 +64,20 @@ def dot_product_attention(q, k, v, *, q_pos, k_pos, causal: bool,
 def attend(exchange: Exchange, state: Any, q, k, v, *, causal: bool,
            train: bool = False, key: jax.Array | None = None,
            axis_name: str | None = None,
-           private: int = 0) -> tuple[jnp.ndarray, ExchangeOut]:
+           private: int = 0,
+           query_transform: Callable | None = None,
+           key_transform: Callable | None = None) -> tuple[jnp.ndarray, ExchangeOut]:
   """Attention of this device's queries over the whole (split) sequence.
 
   q: [B, Tl, H, Dh], k/v: [B, Tl, Hkv, Dh] for this device's tokens.
   ``private``: the first ``private`` local tokens (e.g. a per-device class
   token) are visible to this device only: they never cross the mesh, and
   other devices' private tokens are not seen.  Bidirectional attention only.
+  ``query_transform(q, q_pos)`` and ``key_transform(k_all, k_pos)`` (optional,
+  e.g. RoPE) map this device's queries and the keys of the whole sequence
+  after the exchange (own block exact, the others as delivered), with global
+  positions [Tl] / [T] (private tokens count first); the exchange and its
+  output (``ExchangeOut.k``) see the keys untransformed.
   Returns the attention output [B, Tl, H, Dh] and the exchange's output
   (shared K/V of all devices, new state, auxiliary loss).
   """
@@ -86,6 +96,10 @@ def attend(exchange: Exchange, state: Any, q, k, v, *, causal: bool,
   index = 0 if axis_name is None else jax.lax.axis_index(axis_name)
   q_pos = index * tl + jnp.arange(tl)
   k_pos = jnp.arange(k_all.shape[1])
+  if query_transform is not None:
+    q = query_transform(q, q_pos)
+  if key_transform is not None:
+    k_all = key_transform(k_all, k_pos)
   valid = None
   if lossy:
     received = received_tokens(drop_key, exchange.drop_rate, out.k.shape[0],
@@ -132,13 +146,19 @@ class SequenceAttention(nnx.Module):
   layer keeps its latest K/V in ``self.recorded`` (a ``RecordedKV``), to
   initialise codebooks by k-means (``astra_jax.calibrate``) or to fill a KV
   cache after a sequence-parallel prefill (``astra_jax.generate``).
+  ``query_transform`` / ``key_transform`` are passed to ``attend`` (hashable
+  callables, e.g. a frozen dataclass); recorded keys are untransformed, as
+  they crossed the link.
   """
 
   def __init__(self, exchange: Exchange, kv_dim: int, *, causal: bool,
-               rngs: nnx.Rngs, private: int = 0):
+               rngs: nnx.Rngs, private: int = 0, query_transform: Callable | None = None,
+               key_transform: Callable | None = None):
     self.exchange = exchange
     self.causal = causal
     self.private = private
+    self.query_transform = query_transform
+    self.key_transform = key_transform
     self.state = ExchangeState(exchange.init_state(rngs.params(), kv_dim))
     self.rngs = rngs.fork()
     self.deterministic = True
@@ -150,7 +170,8 @@ class SequenceAttention(nnx.Module):
     key = self.rngs.exchange() if train or self.exchange.drop_rate > 0 else None
     out, ex = attend(self.exchange, self.state.get_value(), q, k, v,
                      causal=self.causal, train=train, key=key,
-                     axis_name=current_seq_axis(), private=self.private)
+                     axis_name=current_seq_axis(), private=self.private,
+                     query_transform=self.query_transform, key_transform=self.key_transform)
     if train:
       self.state.set_value(ex.state)
     self.loss.set_value(ex.loss)

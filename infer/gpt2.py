@@ -1,4 +1,4 @@
-"""Evaluate or sample a trained GPT-2 run, sequence-parallel prefill.
+"""Evaluate or sample a trained GPT-2 (or Llama) run, sequence-parallel prefill.
 
   python -m infer.gpt2 --workdir DIR --mesh=4 --exchange vq --eval
   python -m infer.gpt2 --workdir DIR --mesh=4 --prompt "ROMEO:" --max-new-tokens 200
@@ -11,6 +11,8 @@ prompt's last token with a KV cache (its own K/V exact, the others' as the
 exchange delivered them), streaming the text.  In a multi-process run every
 process joins the prefill and the process owning that device decodes and
 streams (``decoded_by_process`` in the JSON; the others report no tokens).
+The model family comes from the run's config.json, so ``infer.llama`` (the
+same ``main``) and this command read either kind of run.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import sys
 from astra_jax import cli, distributed
 
 
-def parse(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--workdir", required=True, help="a run folder made by train.gpt2")
+def parse(argv, description=None):
+  p = argparse.ArgumentParser(description=description or __doc__.split("\n")[0])
+  p.add_argument("--workdir", required=True, help="a run folder made by train.gpt2 / train.llama")
   p.add_argument("--mesh", type=int, default=4)
   p.add_argument("--exchange", default=None, help="exact | vq (default: the run's own)")
   p.add_argument("--eval", action="store_true", help="validation perplexity")
@@ -41,8 +43,8 @@ def parse(argv):
   return p.parse_args(argv)
 
 
-def main(argv=None):
-  args = parse(sys.argv[1:] if argv is None else argv)
+def main(argv=None, *, description: str | None = None):
+  args = parse(sys.argv[1:] if argv is None else argv, description)
   if not args.eval and args.prompt is None:
     cli.fail("nothing to do: pass --eval, --prompt TEXT, or both")
   cli.setup_devices(args)
@@ -58,7 +60,7 @@ def main(argv=None):
     if args.exchange == "vq" and cfg.exchange != "vq":
       raise ValueError(
           f"{args.workdir} was trained with the {cfg.exchange!r} exchange and has no codebooks; "
-          f"fine-tune one first: python -m train.gpt2 --init-from {args.workdir} "
+          f"fine-tune one first: python -m train.{lm.family(cfg)} --init-from {args.workdir} "
           "--config.exchange=vq --workdir NEW_DIR")
     if args.drop_rate and args.prompt is not None:
       raise ValueError("--drop-rate simulates losses in the prefill forward of --eval; "

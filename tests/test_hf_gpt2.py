@@ -1,17 +1,14 @@
 """Hugging Face GPT-2 import: parity with transformers, and clear import errors.
 
 The reference (logits, greedy generation, saved checkpoints) comes from
-tests/hf_reference.py run by ``.venv-hf/bin/python``: torch exists here only for
-Python 3.11, so transformers lives in that separate venv (``bash setup.sh test``
-creates it).  Without it the parity tests skip, saying why; the error and
-custom-size tests need no torch and always run.
+tests/hf_reference.py run by ``.venv-hf/bin/python`` (tests/hf_helpers.py).
+Without it the parity tests skip, saying why; the error and custom-size tests
+need no torch and always run.
 """
 
 import json
 import os
-import pathlib
 import shutil
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -19,34 +16,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-pytest.importorskip("safetensors", reason="astra_jax.hf needs safetensors: "
+pytest.importorskip("safetensors", reason="these tests write checkpoints with safetensors: "
                     ".venv/bin/python -m pip install safetensors")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
+import hf_helpers  # noqa: E402
 from astra_jax import apply, generate, hf, mesh as mesh_lib  # noqa: E402
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-HF_PYTHON = ROOT / ".venv-hf" / "bin" / "python"
-HOW = ("create it with `bash setup.sh test`, or by hand: /path/to/python3.11 -m venv .venv-hf && "
-       ".venv-hf/bin/python -m pip install torch==2.13.0 transformers safetensors numpy")
 
 
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
   """Folder with single/, sharded/ and reference.npz written by transformers."""
-  if not HF_PYTHON.exists():
-    pytest.skip(f"HF parity reference needs {HF_PYTHON} (Python 3.11 with torch + "
-                f"transformers), which is missing; {HOW}")
-  probe = subprocess.run([str(HF_PYTHON), "-c", "import torch, transformers, safetensors"],
-                         capture_output=True, text=True)
-  if probe.returncode:
-    why = (probe.stderr.strip().splitlines() or ["unknown error"])[-1]
-    pytest.skip(f"{HF_PYTHON} cannot import torch/transformers ({why}); {HOW}")
-  out = tmp_path_factory.mktemp("hf_gpt2")
-  run = subprocess.run([str(HF_PYTHON), str(ROOT / "tests" / "hf_reference.py"), str(out)],
-                       capture_output=True, text=True, timeout=600)
-  assert run.returncode == 0, f"tests/hf_reference.py failed:\n{run.stderr[-3000:]}"
-  return out, dict(np.load(out / "reference.npz"))
+  return hf_helpers.reference(tmp_path_factory.mktemp("hf_gpt2"), "gpt2")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,8 @@
 """Train a GPT-2 language model sequence-parallel: ``python -m train.gpt2 --mesh=4``.
 
+The same CLI trains every causal LM family (``train.llama`` calls ``main``
+with its own default config and workdir); the config's ``family`` picks it.
+
   --config NAME      a module in configs/ (default gpt2_shakespeare)
   --workdir DIR      config.json, checkpoints/, metrics.jsonl; rerunning resumes
   --init-from DIR    start from another run's weights (ASTRA fine-tuning with
@@ -16,10 +19,12 @@ import sys
 from astra_jax import cli
 
 
-def main(argv=None):
+def main(argv=None, *, config: str = "gpt2_shakespeare", workdir: str = "workdir/gpt2",
+         name: str = "GPT-2"):
+  """``config`` / ``workdir``: the defaults of --config / --workdir; ``name`` for --help."""
   args, overrides = cli.train_args(
-      sys.argv[1:] if argv is None else argv, config="gpt2_shakespeare",
-      workdir="workdir/gpt2", description="Train GPT-2 with ASTRA sequence parallelism.")
+      sys.argv[1:] if argv is None else argv, config=config, workdir=workdir,
+      description=f"Train {name} with ASTRA sequence parallelism.")
   cli.setup_devices(args)
   import jax.numpy as jnp
   import numpy as np

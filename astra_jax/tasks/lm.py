@@ -1,4 +1,12 @@
-"""Causal language modelling (GPT-2 family): model from a config, data, perplexity."""
+"""Causal language modelling: model from a config, data, perplexity.
+
+One task for every causal LM family; ``cfg.family`` picks the model:
+``"gpt2"`` (``models.gpt2``) or ``"llama"`` (``models.llama``).  Run folders
+written before there was a choice have no ``family`` in their config.json
+and are GPT-2.  The families share the config keys variant / vocab_size /
+context / exchange / vq and the model interface (``model(tokens, positions)``,
+``decode``, ``empty_cache``), so the train and infer CLIs serve both.
+"""
 
 from __future__ import annotations
 
@@ -14,18 +22,43 @@ from flax import nnx
 
 from astra_jax import apply, exchange, mesh as mesh_lib, training, traffic, workdir
 from astra_jax.data import text as text_lib
-from astra_jax.models import gpt2
+from astra_jax.models import gpt2, llama
+
+ModelConfig = gpt2.GPT2Config | llama.LlamaConfig
+# family -> (its config class, its model class, what messages call it)
+FAMILIES = {"gpt2": (gpt2.GPT2Config, gpt2.GPT2, "GPT-2"),
+            "llama": (llama.LlamaConfig, llama.Llama, "Llama")}
 
 
-def model_config(cfg: ml_collections.ConfigDict, exchange_name: str | None = None) -> gpt2.GPT2Config:
+def family(cfg: ml_collections.ConfigDict) -> str:
+  """The run's model family; config.json files from before Llama have none: GPT-2."""
+  name = cfg.get("family", "gpt2")
+  if name not in FAMILIES:
+    raise ValueError(f"unknown model family {name!r}; set --config.family to one of "
+                     f"{sorted(FAMILIES)}")
+  return name
+
+
+def model_config(cfg: ml_collections.ConfigDict, exchange_name: str | None = None) -> ModelConfig:
   name = exchange_name or cfg.exchange
   options = dict(cfg.vq) if name == "vq" else {}
-  return gpt2.GPT2Config(variant=cfg.variant, vocab_size=cfg.vocab_size, context=cfg.context,
-                         exchange=exchange.make_exchange(name, **options))
+  config_cls, _, _ = FAMILIES[family(cfg)]
+  return config_cls(variant=cfg.variant, vocab_size=cfg.vocab_size, context=cfg.context,
+                    exchange=exchange.make_exchange(name, **options))
 
 
-def build(model_cfg: gpt2.GPT2Config, seed: int = 0) -> gpt2.GPT2:
-  return gpt2.GPT2(model_cfg, rngs=nnx.Rngs(seed))
+def build(model_cfg: ModelConfig, seed: int = 0) -> nnx.Module:
+  model_cls = next(m for c, m, _ in FAMILIES.values() if isinstance(model_cfg, c))
+  return model_cls(model_cfg, rngs=nnx.Rngs(seed))
+
+
+def exchanged_shape(model_cfg: ModelConfig) -> tuple[int, int]:
+  """(values per token in one K (or V) exchange, attention layers): GPT-2 exchanges
+  its full width, Llama its K/V heads (kv_heads * head_dim)."""
+  if isinstance(model_cfg, llama.LlamaConfig):
+    return model_cfg.kv_dim, model_cfg.sizes.layers
+  width, layers, _ = model_cfg.sizes
+  return width, layers
 
 
 def make_optimizer(cfg, total_steps: int):
@@ -33,15 +66,16 @@ def make_optimizer(cfg, total_steps: int):
                                  warmup_steps=cfg.warmup_steps, total_steps=total_steps)
 
 
-def restore_trained(run: str, target: gpt2.GPT2Config | None = None, step: int | None = None):
-  """(cfg, GPT2Config, model) from a run; ``target`` may change only the exchange."""
+def restore_trained(run: str, target: ModelConfig | None = None, step: int | None = None):
+  """(cfg, model config, model) from a run; ``target`` may change only the exchange."""
   cfg = workdir.load_config(run)
   trained = model_config(cfg)
   target = target or trained
-  if dataclasses.replace(target, exchange=trained.exchange) != trained:
-    raise ValueError(f"{run} holds GPT-2 {trained.variant} (vocab {trained.vocab_size}, "
-                     f"context {trained.context}); the requested model differs in more than "
-                     "the exchange")
+  if (type(target) is not type(trained)
+      or dataclasses.replace(target, exchange=trained.exchange) != trained):
+    raise ValueError(f"{run} holds {FAMILIES[family(cfg)][2]} {trained.variant} (vocab "
+                     f"{trained.vocab_size}, context {trained.context}); the requested model "
+                     "differs in more than the exchange")
   tx = make_optimizer(cfg, 2)
   model = workdir.restore_model(
       run, lambda: build(trained), lambda: build(target),
@@ -54,7 +88,7 @@ def token_ids(text: str, tokenizer) -> np.ndarray:
   return np.asarray(tokenizer.encode(text), np.int32)
 
 
-def evaluate(model: nnx.Module, cfg, model_cfg: gpt2.GPT2Config, ids: np.ndarray,
+def evaluate(model: nnx.Module, cfg, model_cfg: ModelConfig, ids: np.ndarray,
              mesh_size: int, batch_size: int, windows: int | None) -> dict:
   """Validation perplexity at ``mesh_size`` devices and bytes per device (HLO)."""
   mesh_lib.check_divisible(cfg.context, mesh_size, what="context")
@@ -74,14 +108,14 @@ def evaluate(model: nnx.Module, cfg, model_cfg: gpt2.GPT2Config, ids: np.ndarray
     batch_nll, rest = nll(params, rest, inputs, pos, targets_)  # rest: fresh link losses
     total += float(mesh_lib.fetch(batch_nll))
     count += targets.size
-  width, layers, _ = model_cfg.sizes
+  kv_dim, layers = exchanged_shape(model_cfg)
   one = jax.ShapeDtypeStruct((1, cfg.context), jnp.int32)
   loss = total / count
   return {
       "perplexity": math.exp(loss), "loss": loss, "tokens": count,
       **traffic.exchange_summary(forward, (params, rest, one, positions), model_cfg.exchange,
-                                 width=width, layers=layers, tokens=cfg.context,
+                                 width=kv_dim, layers=layers, tokens=cfg.context,
                                  mesh_size=mesh_size),
       "drop_rate": model_cfg.exchange.drop_rate,
-      "variant": model_cfg.variant, "context": cfg.context,
+      "family": family(cfg), "variant": model_cfg.variant, "context": cfg.context,
   }

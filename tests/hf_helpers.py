@@ -1,0 +1,33 @@
+"""The transformers reference for the HF parity tests, built in .venv-hf.
+
+torch exists here only for Python 3.11, so transformers lives in a separate
+venv (``bash setup.sh test`` creates it) and tests/hf_reference.py runs there.
+Without it the parity tests skip, saying why.
+"""
+
+import pathlib
+import subprocess
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+HF_PYTHON = ROOT / ".venv-hf" / "bin" / "python"
+HOW = ("create it with `bash setup.sh test`, or by hand: /path/to/python3.11 -m venv .venv-hf && "
+       ".venv-hf/bin/python -m pip install torch==2.13.0 transformers safetensors numpy")
+
+
+def reference(out: pathlib.Path, family: str) -> tuple[pathlib.Path, dict]:
+  """(folder, reference.npz as a dict) from ``hf_reference.py out family``, or a skip."""
+  if not HF_PYTHON.exists():
+    pytest.skip(f"HF parity reference needs {HF_PYTHON} (Python 3.11 with torch + "
+                f"transformers), which is missing; {HOW}")
+  probe = subprocess.run([str(HF_PYTHON), "-c", "import torch, transformers, safetensors"],
+                         capture_output=True, text=True)
+  if probe.returncode:
+    why = (probe.stderr.strip().splitlines() or ["unknown error"])[-1]
+    pytest.skip(f"{HF_PYTHON} cannot import torch/transformers ({why}); {HOW}")
+  run = subprocess.run([str(HF_PYTHON), str(ROOT / "tests" / "hf_reference.py"), str(out),
+                        family], capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, f"tests/hf_reference.py failed:\n{run.stderr[-3000:]}"
+  return out, dict(np.load(out / "reference.npz"))
