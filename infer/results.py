@@ -125,10 +125,14 @@ def parse(argv):
 def _run(module, *args):
   cmd = [sys.executable, "-m", module, *args]
   print("$ python", " ".join(cmd[1:]), flush=True)
-  proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-  if proc.returncode:
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+  last = ""
+  for line in proc.stdout:  # show the run's output as it comes; its last line is the JSON
+    print(line, end="", flush=True)
+    last = line.strip() or last
+  if proc.wait():
     raise SystemExit(f"error: {' '.join(cmd[2:])} failed with exit code {proc.returncode}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return json.loads(last)
 
 
 def table(task: Task, rows: list[dict]) -> str:
