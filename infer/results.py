@@ -2,6 +2,7 @@
 
   python -m infer.results vit  --exact-workdir workdir/vit    # ViT, Fashion-MNIST, mesh 4
   python -m infer.results gpt2 --exact-workdir workdir/gpt2   # GPT-2, Shakespeare, mesh 4
+  python -m infer.results llama --exact-workdir workdir/llama # tiny Llama 3, same data
 
 Trains the exact model (or resumes/reuses ``--exact-workdir``, e.g. the run of
 ``python -m train.<task> --mesh=4``), evaluates it on one device and at the
@@ -88,7 +89,12 @@ GPT2 = Task(
     ],
     results="results/gpt2_shakespeare.json", default_steps=150)
 
-TASKS = {"vit": VIT, "gpt2": GPT2}
+LLAMA = dataclasses.replace(
+    GPT2, train="train.llama", infer=["infer.llama", "--eval"],
+    variants=[v for v in GPT2.variants if v[0] in ("vq_g32", "vq_g1", "exact_ft")],
+    results="results/llama_shakespeare.json")
+
+TASKS = {"vit": VIT, "gpt2": GPT2, "llama": LLAMA}
 
 
 def parse(argv):
