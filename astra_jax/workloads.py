@@ -34,17 +34,18 @@ from astra_jax.latency import Transfer
 @dataclasses.dataclass(frozen=True)
 class Workload:
   name: str
-  family: str  # "vit" | "gpt2"
+  family: str  # "vit" | "gpt2" | "llama"
   description: str
-  options: tuple[tuple[str, Any], ...]  # ViTConfig / GPT2Config fields
+  # ViTConfig / GPT2Config / LlamaConfig fields, or a function returning them
+  # (lets options that need the model module wait until JAX may start)
+  options: Any
   tiny: bool = False
 
   def config(self, exchange=None):
     from astra_jax import exchange as exchange_lib
-    from astra_jax.models import gpt2, vit
     exchange = exchange or exchange_lib.make_exchange("exact")
-    cls = vit.ViTConfig if self.family == "vit" else gpt2.GPT2Config
-    return cls(exchange=exchange, **dict(self.options))
+    options = self.options() if callable(self.options) else self.options
+    return _family(self.family)[0](exchange=exchange, **dict(options))
 
   @property
   def tokens(self) -> int:
@@ -61,8 +62,31 @@ class Workload:
     if self.family == "vit":
       width, _, heads, mlp = cfg.sizes
       return flops.LayerShape(self.tokens, width, heads, mlp, private=1)
+    if self.family == "llama":
+      s = cfg.sizes
+      return flops.LayerShape(self.tokens, s.heads * s.head_dim, s.heads, s.mlp_dim,
+                              kv_width=cfg.kv_dim, mlp_matrices=3,
+                              itemsize=jnp_itemsize(cfg.param_dtype))
     width, _, heads = cfg.sizes
     return flops.LayerShape(self.tokens, width, heads, 4 * width)
+
+
+def jnp_itemsize(dtype: str) -> int:
+  import numpy as np
+  return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+
+
+def _family(name: str):
+  """(config class, model class) of a model family."""
+  from astra_jax.models import gpt2, llama, vit
+  return {"vit": (vit.ViTConfig, vit.ViT), "gpt2": (gpt2.GPT2Config, gpt2.GPT2),
+          "llama": (llama.LlamaConfig, llama.Llama)}[name]
+
+
+def _llama8b_options():
+  from astra_jax.models import llama
+  opts = dict(llama.RELEASES["8b"], context=1024)  # the prefill length, not the RoPE limit
+  return tuple(opts.items()) + (("variant", "8b"),)
 
 
 WORKLOADS = {w.name: w for w in [
@@ -76,6 +100,8 @@ WORKLOADS = {w.name: w for w in [
     Workload("gpt2-mini", "gpt2", "GPT-2 mini (256 x 6), byte tokens, prefill of 1024 "
              "(the testbed's mid-size model)",
              (("variant", "mini"), ("vocab_size", 256), ("context", 1024))),
+    Workload("llama3-8b", "llama", "Llama 3.1 8B shape (32 x 4096, 8 K/V heads of 128), "
+             "prefill of 1024 tokens", _llama8b_options),
     Workload("vit-mu7", "vit", "ViT-mu/7 on 28x28 Fashion-MNIST = 16 patches (tiny)",
              (("variant", "mu/7"), ("image_size", 28), ("channels", 1),
               ("num_classes", 10)), tiny=True),
@@ -111,15 +137,14 @@ def costs(workload: Workload, mesh_size: int, exchange=None):
   return layer, embed, head
 
 
-_BLOCKS = {"vit": "blocks", "gpt2": "h"}
+_BLOCKS = {"vit": "blocks", "gpt2": "h", "llama": "layers"}
 
 
 def _model(workload: Workload, exchange, layers: int, abstract: bool):
   """The workload's model cut to its first ``layers`` blocks."""
   from flax import nnx
-  from astra_jax.models import gpt2, vit
   cfg = workload.config(exchange)
-  cls = vit.ViT if workload.family == "vit" else gpt2.GPT2
+  cls = _family(workload.family)[1]
   attr = _BLOCKS[workload.family]
 
   def make():
@@ -265,3 +290,44 @@ def measure(workload: Workload, exchange, mesh_size: int, repeats: int = 5):
     return t2 / 2, 0.0
   return layer, max(t1 - layer, 0.0)
 
+
+
+def measure_layer(workload: Workload, exchange, mesh_size: int, repeats: int = 3,
+                  dtype: str = "float32") -> float:
+  """Seconds of ONE layer for one device's share, timed on this host.
+
+  Only the first block of the workload's model runs (random weights and
+  hidden states, batch 1), so a layer of a model too big for this host's
+  memory can still be timed: the latency model scales it by the layer count.
+  On ``mesh_size`` fake CPU devices (sharing the cores) the time is divided
+  by ``mesh_size``, as in ``measure``.
+  """
+  import jax
+  from flax import nnx
+  from astra_jax import apply, mesh as mesh_lib
+  mesh_lib.check_divisible(workload.tokens, mesh_size)
+  cfg = workload.config(exchange)
+  if workload.family == "llama":
+    cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype, layers=1)
+  elif dtype != "float32":
+    raise ValueError(f"--dtype {dtype} is only wired for the llama family")
+  if workload.family == "llama":  # the block alone: no 128k-entry embedding or head
+    from astra_jax.models import llama
+    block = llama.Block(cfg, rngs=nnx.Rngs(0))
+  else:
+    block = getattr(_model(workload, exchange, 1, False), _BLOCKS[workload.family])[0]
+  graphdef, params, rest = apply.split_model(block)
+  mesh = mesh_lib.seq_mesh_or_none(mesh_size)
+  fn = jax.jit(apply.sequence_apply(graphdef, mesh, in_seq_dims=(1,), train=False,
+                                    out_seq_dim=1))
+  params, rest = mesh_lib.replicate((params, rest), mesh)
+  width = workload.shape.width
+  x = jax.random.normal(jax.random.PRNGKey(1), (1, workload.tokens, width)).astype(dtype)
+  x = mesh_lib.to_global(x, mesh, 1)
+  return _time(fn, (params, rest, x), repeats) / mesh_size
+
+
+def peak_memory_bytes() -> int:
+  """This process's peak resident memory so far (Linux ru_maxrss is in KiB)."""
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -169,8 +169,9 @@ def main(argv=None):
   exact_dir = args.exact_workdir or os.path.join(args.root, "exact")
   _run(task.train, mesh, f"--workdir={exact_dir}", *data, *args.extra)
   # with --only, rows of the other variants are kept from the previous results file
+  fresh = {"single_device", "exact", *(args.only or ())}  # evaluated again below
   kept = [] if args.only is None or not os.path.exists(args.results) else [
-      r for r in json.load(open(args.results))["rows"] if r["name"] not in args.only]
+      r for r in json.load(open(args.results))["rows"] if r["name"] not in fresh]
   rows = []
   evaluate = [*task.infer, f"--workdir={exact_dir}", *data]
   rows.append(dict(_run(*evaluate, "--mesh=1"), name="single_device", label="single device"))
