@@ -1,14 +1,20 @@
 """Latency model vs the bandwidth-shaped testbed: predicted and measured side by side.
 
+  python -m infer.model_check --measure   # (root) every measurement below, back to back
+  python -m infer.model_check             # only join existing results
+
+``--measure`` runs, one after the other so they see the same machine: the
+testbed (2 ranks, one core each) for each exchange and link rate, the
+single-device baseline on one core, and
+
   taskset -c 0 python -m infer.bench --models gpt2-mini --mesh 2 --bandwidths 10 100 \\
       --exchanges exact vq:groups=32 vq:groups=1 --profiles measured --out results/bench_testbed
-  python -m infer.model_check      # -> results/testbed/model_check.{json,md}
 
-The first command models gpt2-mini (1024 tokens, 2 devices) with compute timed
-on one core of this host (``taskset``: each testbed rank has one core); the
-second joins its rows with the testbed's measurements (``results/testbed/*.json``,
-made by ``python -m infer.testbed ... -- infer.prefill_time ...``) on model,
-tokens, devices, link rate and exchange, and reports the model's error.
+which models gpt2-mini (1024 tokens, 2 devices) with compute timed on one core
+(each testbed rank has one core); then it joins the bench rows with the
+testbed's measurements (``results/testbed/*.json``) on model, tokens, devices,
+link rate and exchange and reports the model's error
+(-> results/testbed/model_check.{json,md}).
 """
 
 from __future__ import annotations
@@ -27,7 +33,38 @@ def parse(argv):
   p.add_argument("--bench", default="results/bench_testbed/bench.json")
   p.add_argument("--testbed", default="results/testbed")
   p.add_argument("--out", default="results/testbed/model_check")
+  p.add_argument("--measure", action="store_true", help="run the testbed and the bench first")
+  p.add_argument("--rates", nargs="+", type=float, default=[10, 100])
+  p.add_argument("--repeats", type=int, default=5)
   return p.parse_args(argv)
+
+
+EXCHANGES = {"exact": ["--exchange", "exact"], "vq-g32": ["--exchange", "vq", "--groups", "32"],
+             "vq-g1": ["--exchange", "vq", "--groups", "1"]}
+
+
+def measure(args) -> None:
+  """The testbed runs, the one-core baseline and the modelled rows, back to back."""
+  import subprocess
+
+  def run(cmd):
+    print("$", " ".join(cmd), flush=True)
+    if subprocess.run(cmd).returncode:
+      cli.fail(f"{' '.join(cmd)} failed; see its output above")
+
+  py = [sys.executable, "-m"]
+  probe = ["infer.prefill_time", "--model", "gpt2:mini", "--tokens", "1024",
+           f"--repeats={args.repeats}"]
+  base = os.path.join(args.testbed, "gpt2-mini_1024")
+  run(["taskset", "-c", "0", *py, *probe, "--mesh", "1", "--out", f"{base}_single.json"])
+  for rate in args.rates:
+    for name, flags in EXCHANGES.items():
+      run([*py, "infer.testbed", "--procs", "2", f"--rate={rate:g}", "--cores-per-proc", "1",
+           "--out", f"{base}_rate{rate:g}_{name}.json", "--", *probe, "--mesh", "2", *flags])
+  run(["taskset", "-c", "0", *py, "infer.bench", "--models", "gpt2-mini", "--mesh", "2",
+       "--bandwidths", *[f"{r:g}" for r in args.rates], "--exchanges", "exact",
+       "vq:groups=32", "vq:groups=1", "--profiles", "measured",
+       "--out", os.path.dirname(args.bench)])
 
 
 def spec(run: dict) -> str:
@@ -72,6 +109,8 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv=None):
   args = parse(sys.argv[1:] if argv is None else argv)
+  if args.measure:
+    measure(args)
   if not os.path.exists(args.bench):
     cli.fail(f"{args.bench} is missing: run the bench command in this module's docstring first")
   runs = []
