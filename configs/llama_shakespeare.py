@@ -9,13 +9,13 @@ tokens, 4-way sequence parallel.
 The GPT-2 recipe (``configs/gpt2_shakespeare``: same corpus, held-out plays,
 windows, optimizer) with the Llama family.  ASTRA exchanges the 2 K/V heads
 (kv_dim 64 per token), so G=32 groups are 2 values each.
-Cost on this project's 2-core CPU machine (4 fake devices, JAX 0.12), from a
-20-step run (``--max-steps=20``; steps 5..20, after the ~8 s compile) while
-other jobs kept the load average near 7: 0.99 s/step, against 0.87 s/step for
-GPT-2 micro measured alongside (its config: about 0.4 s/step alone), so Llama micro costs
-about 1.15x GPT-2 micro per step.  The default 1000 steps of 16 x 256 tokens
-(4.1M tokens) should take about 8 min alone and 10 to 17 min on shared cores.
-Perplexity not yet measured (no full run made).
+Cost and result on this project's 2-core CPU machine (4 fake devices, JAX 0.12):
+the default 1000 steps of 16 x 256 tokens (4.1M tokens) took 25 min 8 s wall
+while three other jobs shared the cores (load average about 8; a 20-step
+probe measured 0.99 s/step at load 7, about 1.15x GPT-2 micro per step) and
+reached validation perplexity 4.274 per byte, equal at mesh 1 and mesh 4.
+``python -m infer.results llama --exact-workdir workdir/llama`` makes the
+ASTRA rows (RESULTS.md).
 """
 
 import ml_collections
