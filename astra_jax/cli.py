@@ -59,6 +59,15 @@ def add_exchange_flags(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--codebook-size", type=int, default=1024, help="vq: entries K per codebook")
 
 
+def add_link_flags(parser: argparse.ArgumentParser) -> None:
+  """The flags every evaluation CLI shares: simulated link loss and multi-process."""
+  from astra_jax import distributed
+  parser.add_argument("--drop-rate", type=float, default=0.0,
+                      help="simulated link loss: fraction of non-local tokens' K/V (codes) "
+                           "lost per exchange, masked out of attention")
+  distributed.add_flags(parser)
+
+
 def exchange_from_flags(args: argparse.Namespace):
   from astra_jax import exchange
   options = {}

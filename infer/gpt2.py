@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from astra_jax import cli, distributed
+from astra_jax import cli
 
 
 def parse(argv, description=None):
@@ -36,10 +36,7 @@ def parse(argv, description=None):
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
   p.add_argument("--eval-windows", type=int, default=None, help="default: the run's config")
   p.add_argument("--out", default=None, help="also write the JSON result here")
-  p.add_argument("--drop-rate", type=float, default=0.0,
-                 help="simulated link loss: fraction of non-local tokens' K/V (codes) lost "
-                      "per exchange, masked out of attention")
-  distributed.add_flags(p)
+  cli.add_link_flags(p)
   return p.parse_args(argv)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from astra_jax import cli, distributed
+from astra_jax import cli
 
 
 def parse(argv):
@@ -27,10 +27,7 @@ def parse(argv):
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
   p.add_argument("--batch-size", type=int, default=500)
   p.add_argument("--out", default=None, help="also write the JSON result here")
-  p.add_argument("--drop-rate", type=float, default=0.0,
-                 help="simulated link loss: fraction of non-local tokens' K/V (codes) lost "
-                      "per exchange, masked out of attention")
-  distributed.add_flags(p)
+  cli.add_link_flags(p)
   return p.parse_args(argv)
 
 

@@ -8,6 +8,7 @@ from flax import nnx
 
 from astra_jax import apply, exchange as ex, generate, mesh as mesh_lib
 from astra_jax.models import gpt2
+from model_helpers import sequence_logits
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 CFG = gpt2.GPT2Config(variant="nano", vocab_size=64, context=32)
@@ -21,11 +22,7 @@ def _tokens(batch=2, length=16, seed=1):
   return jax.random.randint(jax.random.PRNGKey(seed), (batch, length), 0, CFG.vocab_size)
 
 
-def _logits(model, tokens, mesh_size):
-  graphdef, params, rest = apply.split_model(model)
-  mesh = None if mesh_size is None else mesh_lib.make_seq_mesh(mesh_size)
-  fn = apply.sequence_apply(graphdef, mesh, in_seq_dims=(1, 0), train=False, out_seq_dim=1)
-  return jax.jit(fn)(params, rest, tokens, jnp.arange(tokens.shape[1]))[0]
+_logits = sequence_logits
 
 
 def test_exact_sequence_parallel_equals_single_device():
