@@ -24,15 +24,9 @@ def split_model(model: nnx.Module):
   return nnx.split(model, nnx.Param, ...)
 
 
-def sequence_apply(graphdef, mesh: Mesh | None, *, in_seq_dims: Sequence[int | None],
-                   train: bool, out_seq_dim: Any = None) -> Callable[..., Any]:
-  """Returns ``apply(params, rest, *inputs) -> (outputs, rest, aux_loss)``.
-
-  ``in_seq_dims`` gives each input's sequence dimension (None: replicated);
-  ``out_seq_dim`` the outputs' (None: replicated over the sequence axis, e.g.
-  ViT logits after ``seq_mean``; 1 for per-token LM logits [B, T, V]).
-  With ``mesh=None`` the model runs on one device with no collectives.
-  """
+def model_body(graphdef, train: bool) -> Callable[..., Any]:
+  """``body(params, rest, *inputs) -> (outputs, rest, aux_loss)`` on one device's
+  view: the model merged, called, and its non-parameter state split off again."""
 
   def body(params, rest, *inputs):
     model = nnx.merge(graphdef, params, rest, copy=True)
@@ -44,6 +38,19 @@ def sequence_apply(graphdef, mesh: Mesh | None, *, in_seq_dims: Sequence[int | N
     _, _, new_rest = split_model(model)
     return outputs, new_rest, aux
 
+  return body
+
+
+def sequence_apply(graphdef, mesh: Mesh | None, *, in_seq_dims: Sequence[int | None],
+                   train: bool, out_seq_dim: Any = None) -> Callable[..., Any]:
+  """Returns ``apply(params, rest, *inputs) -> (outputs, rest, aux_loss)``.
+
+  ``in_seq_dims`` gives each input's sequence dimension (None: replicated);
+  ``out_seq_dim`` the outputs' (None: replicated over the sequence axis, e.g.
+  ViT logits after ``seq_mean``; 1 for per-token LM logits [B, T, V]).
+  With ``mesh=None`` the model runs on one device with no collectives.
+  """
+  body = model_body(graphdef, train)
   if mesh is None:
     return body
   return mesh_lib.sequence_parallel(body, mesh, in_seq_dims=(None, None, *in_seq_dims),

@@ -24,6 +24,7 @@ from flax import nnx
 
 from astra_jax.attention import SequenceAttention, dot_product_attention
 from astra_jax.exchange import Exchange, ExactExchange
+from astra_jax.tensor_parallel import ExactSync, Split, Sync
 
 # width, layers, heads
 VARIANTS = {
@@ -43,6 +44,7 @@ class GPT2Config:
   vocab_size: int = 256
   context: int = 256  # learned position embeddings (n_positions)
   exchange: Exchange = ExactExchange()
+  sync: Sync = ExactSync()  # tensor-parallel all-reduces (inert without a tp axis)
   layer_norm_eps: float = 1e-5
   # explicit sizes (e.g. an imported checkpoint's) override the variant's;
   # variant "custom" takes all three from here
@@ -58,9 +60,10 @@ class GPT2Config:
     elif self.variant not in VARIANTS:
       raise ValueError(f"unknown GPT-2 variant {self.variant!r}; choose from {sorted(VARIANTS)} "
                        "or 'custom' with width/layers/heads")
-    width, _, heads = self.sizes
+    width, layers, heads = self.sizes
     if width % heads:
       raise ValueError(f"GPT-2 width {width} is not a multiple of its {heads} heads")
+    self.sync.check_layers(layers)
 
   @property
   def sizes(self) -> tuple[int, int, int]:
@@ -69,25 +72,28 @@ class GPT2Config:
 
 
 class Block(nnx.Module):
-  def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: GPT2Config, layer: int, *, rngs: nnx.Rngs):
     width, _, heads = cfg.sizes
-    self.heads = heads
+    self.head_dim = width // heads
     eps = cfg.layer_norm_eps
     self.ln_1 = nnx.LayerNorm(width, epsilon=eps, rngs=rngs)
     self.c_attn = nnx.Linear(width, 3 * width, rngs=rngs)
     self.attn = SequenceAttention(cfg.exchange, width, causal=True, rngs=rngs)
     self.c_proj = nnx.Linear(width, width, rngs=rngs)
+    self.attn_sync = cfg.sync.site(layer, "attn")
     self.ln_2 = nnx.LayerNorm(width, epsilon=eps, rngs=rngs)
     self.c_fc = nnx.Linear(width, 4 * width, rngs=rngs)
     self.mlp_proj = nnx.Linear(4 * width, width, rngs=rngs)
+    self.mlp_sync = cfg.sync.site(layer, "mlp")
 
   def _qkv(self, x):
     return einops.rearrange(self.c_attn(self.ln_1(x)), "b t (n h d) -> n b t h d",
-                            n=3, h=self.heads)
+                            n=3, d=self.head_dim)
 
   def _finish(self, x, attn):
-    x = x + self.c_proj(einops.rearrange(attn, "b t h d -> b t (h d)"))
-    return x + self.mlp_proj(jax.nn.gelu(self.c_fc(self.ln_2(x)), approximate=True))
+    x, pending = self.attn_sync(x, self.c_proj(einops.rearrange(attn, "b t h d -> b t (h d)")))
+    mlp = self.mlp_proj(jax.nn.gelu(self.c_fc(self.ln_2(x)), approximate=True))
+    return self.mlp_sync(x, mlp, pending)[0]
 
   def __call__(self, x):
     q, k, v = self._qkv(x)
@@ -112,7 +118,7 @@ class GPT2(nnx.Module):
                          embedding_init=nnx.initializers.normal(0.02))
     self.wpe = nnx.Embed(cfg.context, width, rngs=rngs,
                          embedding_init=nnx.initializers.normal(0.01))
-    self.h = nnx.List([Block(cfg, rngs=rngs) for _ in range(layers)])
+    self.h = nnx.List([Block(cfg, i, rngs=rngs) for i in range(layers)])
     self.ln_f = nnx.LayerNorm(width, epsilon=cfg.layer_norm_eps, rngs=rngs)
 
   def _embed(self, tokens, positions):
@@ -136,6 +142,13 @@ class GPT2(nnx.Module):
       x, layer_cache = block.decode(x, positions, layer_cache)
       new_cache.append(layer_cache)
     return self._logits(x).astype(jnp.float32), new_cache
+
+  def tensor_layout(self) -> dict[str, Split]:
+    """How tensor parallelism splits the linears (``astra_jax.tensor_parallel``)."""
+    width, _, heads = self.cfg.sizes
+    return {"c_attn": Split("columns", parts=3, unit=width // heads, what="heads"),
+            "c_proj": Split("rows", unit=width // heads, what="heads"),
+            "c_fc": Split("columns"), "mlp_proj": Split("rows")}
 
   def empty_cache(self, batch: int, length: int, dtype=jnp.float32):
     width, layers, heads = self.cfg.sizes

@@ -62,6 +62,7 @@ from flax import nnx
 
 from astra_jax.attention import SequenceAttention, dot_product_attention
 from astra_jax.exchange import Exchange, ExactExchange
+from astra_jax.tensor_parallel import ExactSync, Split, Sync
 
 
 class Sizes(NamedTuple):
@@ -149,6 +150,7 @@ class LlamaConfig:
   vocab_size: int = 256
   context: int = 256  # longest sequence: prompt + generated tokens (RoPE itself has no limit)
   exchange: Exchange = ExactExchange()
+  sync: Sync = ExactSync()  # tensor-parallel all-reduces (inert without a tp axis)
   rms_eps: float = 1e-5
   rope_theta: float = 500000.0
   rope_scaling: RopeScaling | None = RopeScaling()  # None: plain RoPE
@@ -177,6 +179,7 @@ class LlamaConfig:
     if self.head_dim is None and s.width % s.heads:
       raise ValueError(f"Llama width {s.width} is not a multiple of its {s.heads} heads; "
                        "set head_dim explicitly")
+    self.sync.check_layers(s.layers)
     if s.heads % s.kv_heads:
       raise ValueError(f"Llama's {s.heads} query heads cannot share {s.kv_heads} K/V heads; "
                        "heads must be a multiple of kv_heads")
@@ -285,9 +288,9 @@ class RMSNorm(nnx.Module):
 
 
 class Block(nnx.Module):
-  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: LlamaConfig, layer: int = 0, *, rngs: nnx.Rngs):
     s = cfg.sizes
-    self.heads, self.kv_heads = s.heads, s.kv_heads
+    self.head_dim = s.head_dim
     self.rope = cfg.rope
     self.input_layernorm = RMSNorm(s.width, cfg)
     self.q_proj = Linear(s.width, s.heads * s.head_dim, cfg, rngs=rngs)
@@ -296,21 +299,23 @@ class Block(nnx.Module):
     self.attn = SequenceAttention(cfg.exchange, cfg.kv_dim, causal=True, rngs=rngs,
                                   query_transform=self.rope, key_transform=self.rope)
     self.o_proj = Linear(s.heads * s.head_dim, s.width, cfg, rngs=rngs)
+    self.attn_sync = cfg.sync.site(layer, "attn")
     self.post_attention_layernorm = RMSNorm(s.width, cfg)
     self.gate_proj = Linear(s.width, s.mlp_dim, cfg, rngs=rngs)
     self.up_proj = Linear(s.width, s.mlp_dim, cfg, rngs=rngs)
     self.down_proj = Linear(s.mlp_dim, s.width, cfg, rngs=rngs)
+    self.mlp_sync = cfg.sync.site(layer, "mlp")
 
   def _qkv(self, x):
     h = self.input_layernorm(x)
-    split = lambda y, n: einops.rearrange(y, "b t (h d) -> b t h d", h=n)
-    return (split(self.q_proj(h), self.heads), split(self.k_proj(h), self.kv_heads),
-            split(self.v_proj(h), self.kv_heads))
+    split = lambda y: einops.rearrange(y, "b t (h d) -> b t h d", d=self.head_dim)
+    return split(self.q_proj(h)), split(self.k_proj(h)), split(self.v_proj(h))
 
   def _finish(self, x, attn):
-    x = x + self.o_proj(einops.rearrange(attn, "b t h d -> b t (h d)")).astype(x.dtype)
+    x, pending = self.attn_sync(x, self.o_proj(einops.rearrange(attn, "b t h d -> b t (h d)")))
     h = self.post_attention_layernorm(x)
-    return x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h)).astype(x.dtype)
+    mlp = self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
+    return self.mlp_sync(x, mlp, pending)[0]
 
   def __call__(self, x):
     q, k, v = self._qkv(x)  # k unrotated: SequenceAttention rotates after the exchange
@@ -335,7 +340,7 @@ class Llama(nnx.Module):
     self.embed_tokens = nnx.Embed(cfg.vocab_size, s.width, dtype=jnp.dtype(cfg.dtype),
                                   param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs,
                                   embedding_init=_INIT)
-    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(s.layers)])
+    self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(s.layers)])
     self.norm = RMSNorm(s.width, cfg)
     self.lm_head = None if cfg.tie_embeddings else Linear(s.width, cfg.vocab_size, cfg,
                                                           rngs=rngs)
@@ -370,6 +375,16 @@ class Llama(nnx.Module):
       x, layer_cache = block.decode(x, positions, layer_cache)
       new_cache.append(layer_cache)
     return self._logits(x), new_cache
+
+  def tensor_layout(self) -> dict[str, Split]:
+    """How tensor parallelism splits the linears (``astra_jax.tensor_parallel``)."""
+    d = self.cfg.sizes.head_dim
+    return {"q_proj": Split("columns", unit=d, what="heads"),
+            "k_proj": Split("columns", unit=d, what="K/V heads", repeat=True),
+            "v_proj": Split("columns", unit=d, what="K/V heads", repeat=True),
+            "o_proj": Split("rows", unit=d, what="heads"),
+            "gate_proj": Split("columns"), "up_proj": Split("columns"),
+            "down_proj": Split("rows")}
 
   def empty_cache(self, batch: int, length: int, dtype=jnp.float32):
     s = self.cfg.sizes

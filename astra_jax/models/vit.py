@@ -31,6 +31,7 @@ from flax import nnx
 from astra_jax.attention import SequenceAttention
 from astra_jax.exchange import Exchange, ExactExchange
 from astra_jax.mesh import seq_first, seq_mean
+from astra_jax.tensor_parallel import ExactSync, Split, Sync
 
 # width, depth, heads, mlp width
 VARIANTS = {
@@ -52,6 +53,7 @@ class ViTConfig:
   num_classes: int = 10
   class_token: str = "distributed"
   exchange: Exchange = ExactExchange()
+  sync: Sync = ExactSync()  # tensor-parallel all-reduces (inert without a tp axis)
   dtype: str = "float32"
 
   def __post_init__(self):
@@ -63,6 +65,7 @@ class ViTConfig:
       raise ValueError(f"image size {self.image_size} is not a multiple of patch {patch}")
     if self.class_token not in CLASS_TOKENS:
       raise ValueError(f"class_token must be one of {CLASS_TOKENS}, got {self.class_token!r}")
+    self.sync.check_layers(self.sizes[1])
 
   @property
   def patch(self) -> int:
@@ -85,22 +88,25 @@ def patchify(images: jnp.ndarray, patch: int) -> jnp.ndarray:
 class Block(nnx.Module):
   """Pre-norm Transformer encoder block."""
 
-  def __init__(self, width: int, heads: int, mlp: int, exchange: Exchange, *,
-               rngs: nnx.Rngs):
-    self.heads = heads
+  def __init__(self, cfg: ViTConfig, layer: int, *, rngs: nnx.Rngs):
+    width, _, heads, mlp = cfg.sizes
+    self.head_dim = width // heads
     self.ln1 = nnx.LayerNorm(width, rngs=rngs)
     self.qkv = nnx.Linear(width, 3 * width, rngs=rngs)
-    self.attn = SequenceAttention(exchange, width, causal=False, private=1, rngs=rngs)
+    self.attn = SequenceAttention(cfg.exchange, width, causal=False, private=1, rngs=rngs)
     self.proj = nnx.Linear(width, width, rngs=rngs)
+    self.attn_sync = cfg.sync.site(layer, "attn")
     self.ln2 = nnx.LayerNorm(width, rngs=rngs)
     self.fc1 = nnx.Linear(width, mlp, rngs=rngs)
     self.fc2 = nnx.Linear(mlp, width, rngs=rngs)
+    self.mlp_sync = cfg.sync.site(layer, "mlp")
 
   def __call__(self, x):
     q, k, v = einops.rearrange(self.qkv(self.ln1(x)), "b t (n h d) -> n b t h d",
-                               n=3, h=self.heads)
-    x = x + self.proj(einops.rearrange(self.attn(q, k, v), "b t h d -> b t (h d)"))
-    return x + self.fc2(nnx.gelu(self.fc1(self.ln2(x))))
+                               n=3, d=self.head_dim)
+    attn = self.proj(einops.rearrange(self.attn(q, k, v), "b t h d -> b t (h d)"))
+    x, pending = self.attn_sync(x, attn)
+    return self.mlp_sync(x, self.fc2(nnx.gelu(self.fc1(self.ln2(x)))), pending)[0]
 
 
 class ViT(nnx.Module):
@@ -113,8 +119,7 @@ class ViT(nnx.Module):
     init = nnx.initializers.normal(0.02)
     self.cls = nnx.Param(init(rngs.params(), (1, 1, width)))
     self.pos = nnx.Param(init(rngs.params(), (1, cfg.num_patches + 1, width)))
-    self.blocks = nnx.List([Block(width, heads, mlp, cfg.exchange, rngs=rngs)
-                            for _ in range(depth)])
+    self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(depth)])
     self.ln = nnx.LayerNorm(width, rngs=rngs)
     self.head = nnx.Linear(width, cfg.num_classes, rngs=rngs,
                            kernel_init=nnx.initializers.zeros_init())
@@ -128,3 +133,10 @@ class ViT(nnx.Module):
       x = block(x)
     logits = self.head(self.ln(x[:, 0]))
     return seq_mean(logits) if self.cfg.class_token == "distributed" else seq_first(logits)
+
+  def tensor_layout(self) -> dict[str, Split]:
+    """How tensor parallelism splits the linears (``astra_jax.tensor_parallel``)."""
+    width, _, heads, _ = self.cfg.sizes
+    return {"qkv": Split("columns", parts=3, unit=width // heads, what="heads"),
+            "proj": Split("rows", unit=width // heads, what="heads"),
+            "fc1": Split("columns"), "fc2": Split("rows")}
