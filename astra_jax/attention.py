@@ -10,8 +10,11 @@ Position-dependent maps (RoPE) can be applied after the exchange through
 ``query_transform`` / ``key_transform``: keys then cross the link as the model
 produced them and are rotated by the receiver at their global positions.
 
-``attend`` is the pure function; ``SequenceAttention`` is the thin Flax NNX
-holder that keeps the strategy's state (codebooks) and is what models call.
+``attend`` is the pure function: it hands the work to the strategy's own
+``Exchange.attend`` (gather, then softmax over all keys at once; or, for the
+ring, softmax folded in as the blocks arrive), so nothing here branches on
+the strategy.  ``SequenceAttention`` is the thin Flax NNX holder that keeps
+the strategy's state (codebooks) and is what models call.
 """
 
 from __future__ import annotations
@@ -22,43 +25,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from astra_jax.exchange import Exchange, ExchangeOut
+from astra_jax.dot_product import dot_product_attention  # noqa: F401 (models use it from here)
+from astra_jax.exchange import Exchange, ExchangeOut, received_tokens  # noqa: F401
 from astra_jax.mesh import current_seq_axis
-
-_MASKED = -1e30
-
-
-def dot_product_attention(q, k, v, *, q_pos, k_pos, causal: bool,
-                          kv_valid: jnp.ndarray | None = None) -> jnp.ndarray:
-  """Softmax attention with position-based causal masking.
-
-  q: [B, Tq, H, Dh]; k, v: [B, Tk, Hkv, Dh] with H % Hkv == 0.
-  q_pos [Tq], k_pos [Tk]: global positions; kv_valid [B, Tk] optional mask.
-  Dots accumulate in float32; logits and softmax are float32; the weights
-  meet V in V's dtype.
-  """
-  b, tq, h, dh = q.shape
-  hkv = k.shape[2]
-  if h % hkv:
-    raise ValueError(f"{h} query heads cannot share {hkv} K/V heads; H must be a multiple of Hkv")
-  qg = q.reshape(b, tq, hkv, h // hkv, dh)
-  # No upcast of k/v here: XLA would hoist the convert above the all_gather and
-  # put float32 on the wire; accumulate in float32 through the dot instead.
-  logits = jnp.einsum("bqkrd,bskd->bkrqs", qg, k.astype(q.dtype),
-                      precision=jax.lax.Precision.HIGHEST,
-                      preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(dh))
-  mask = jnp.ones((tq, k.shape[1]), bool)
-  if causal:
-    mask = k_pos[None, :] <= q_pos[:, None]
-  mask = mask[None, None, None]
-  if kv_valid is not None:
-    mask = mask & kv_valid[:, None, None, None, :]
-  logits = jnp.where(mask, logits, _MASKED)
-  weights = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("bkrqs,bskd->bqkrd", weights.astype(v.dtype), v,
-                   precision=jax.lax.Precision.HIGHEST,
-                   preferred_element_type=jnp.float32)
-  return out.reshape(b, tq, h, dh).astype(q.dtype)
 
 
 def attend(exchange: Exchange, state: Any, q, k, v, *, causal: bool,
@@ -83,43 +52,9 @@ def attend(exchange: Exchange, state: Any, q, k, v, *, causal: bool,
   """
   if private and causal:
     raise ValueError("private (per-device) tokens are only supported in bidirectional attention")
-  lossy = exchange.drop_rate > 0 and axis_name is not None
-  if lossy:
-    if key is None:
-      raise ValueError("a lossy link (drop_rate > 0) needs a PRNG key to draw the losses")
-    key, drop_key = jax.random.split(key)
-  out = exchange.gather(state, k[:, private:], v[:, private:], axis_name=axis_name,
-                        train=train, key=key if train else None)
-  k_all = jnp.concatenate([k[:, :private], out.k], axis=1)
-  v_all = jnp.concatenate([v[:, :private], out.v], axis=1)
-  tl = q.shape[1]
-  index = 0 if axis_name is None else jax.lax.axis_index(axis_name)
-  q_pos = index * tl + jnp.arange(tl)
-  k_pos = jnp.arange(k_all.shape[1])
-  if query_transform is not None:
-    q = query_transform(q, q_pos)
-  if key_transform is not None:
-    k_all = key_transform(k_all, k_pos)
-  valid = None
-  if lossy:
-    received = received_tokens(drop_key, exchange.drop_rate, out.k.shape[0],
-                               out.k.shape[1], k.shape[1] - private, axis_name)
-    valid = jnp.concatenate([jnp.ones((k.shape[0], private), bool), received], axis=1)
-  return dot_product_attention(q, k_all, v_all, q_pos=q_pos, k_pos=k_pos,
-                               causal=causal, kv_valid=valid), out
-
-
-def received_tokens(key: jax.Array, drop_rate: float, batch: int, total: int, local: int,
-                    axis_name: str) -> jnp.ndarray:
-  """[B, total] bool: which tokens' K/V reached this device over a lossy link.
-
-  Each non-local token is lost with probability ``drop_rate``, independently
-  per receiving device; this device's own block is always present.
-  """
-  index = jax.lax.axis_index(axis_name)
-  keep = jax.random.bernoulli(jax.random.fold_in(key, index), 1.0 - drop_rate, (batch, total))
-  own = (jnp.arange(total) // local) == index
-  return keep | own[None]
+  return exchange.attend(state, q, k, v, causal=causal, train=train, key=key,
+                         axis_name=axis_name, private=private,
+                         query_transform=query_transform, key_transform=key_transform)
 
 
 class ExchangeState(nnx.Variable):

@@ -1,25 +1,29 @@
 """K/V exchange strategies: how one device gets the other devices' keys/values.
 
 This is the single plug-in point between the models and the mesh.  A strategy
-is a frozen dataclass (a config is data), registered by name, with three pure
+is a frozen dataclass (a config is data), registered by name, with pure
 methods:
 
   init_state(key, kv_dim)       -> pytree of per-layer, non-gradient state
   gather(state, k, v, ...)      -> ExchangeOut: every device's K/V, own block exact
+  attend(state, q, k, v, ...)   -> (attention output, ExchangeOut); by default
+                                   ``gather`` then softmax over all keys at once
   bytes_per_token(kv_dim, dtype) -> what one token's K (or V) costs on the wire
 
-Attention (``astra_jax.attention``) calls ``gather`` and never branches on the
+Attention (``astra_jax.attention``) calls ``attend`` and never branches on the
 strategy.  Strategies here:
 
   exact  full-precision ``all_gather`` of K/V (plain sequence parallelism)
   vq     ASTRA: local K/V exact, everyone else's as grouped-VQ codes, bit-packed
          before the ``all_gather`` and decoded by the receiver.
+  ring   exact K/V passed device to device around a ring (``ppermute``), with
+         blockwise softmax as the blocks arrive (``astra_jax.ring``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +31,8 @@ import jax.numpy as jnp
 from astra_jax import noise as noise_lib
 from astra_jax import packing
 from astra_jax import quantizer as vq
+from astra_jax import ring
+from astra_jax.dot_product import dot_product_attention
 
 
 class ExchangeOut(NamedTuple):
@@ -136,6 +142,51 @@ class Exchange:
   def bytes_per_token(self, kv_dim: int, dtype: Any) -> int:
     raise NotImplementedError
 
+  def attend(self, state, q, k, v, *, causal: bool, train: bool = False,
+             key: jax.Array | None = None, axis_name: str | None = None,
+             private: int = 0, query_transform: Callable | None = None,
+             key_transform: Callable | None = None) -> tuple[jnp.ndarray, ExchangeOut]:
+    """``attention.attend`` (its docstring has the arguments): ``gather`` the
+    shared K/V, then softmax attention over the whole sequence at once, with
+    tokens lost on the link (``drop_rate``) masked out."""
+    lossy = self.drop_rate > 0 and axis_name is not None
+    if lossy:
+      if key is None:
+        raise ValueError("a lossy link (drop_rate > 0) needs a PRNG key to draw the losses")
+      key, drop_key = jax.random.split(key)
+    out = self.gather(state, k[:, private:], v[:, private:], axis_name=axis_name,
+                      train=train, key=key if train else None)
+    k_all = jnp.concatenate([k[:, :private], out.k], axis=1)
+    v_all = jnp.concatenate([v[:, :private], out.v], axis=1)
+    tl = q.shape[1]
+    index = 0 if axis_name is None else jax.lax.axis_index(axis_name)
+    q_pos = index * tl + jnp.arange(tl)
+    k_pos = jnp.arange(k_all.shape[1])
+    if query_transform is not None:
+      q = query_transform(q, q_pos)
+    if key_transform is not None:
+      k_all = key_transform(k_all, k_pos)
+    valid = None
+    if lossy:
+      received = received_tokens(drop_key, self.drop_rate, out.k.shape[0],
+                                 out.k.shape[1], k.shape[1] - private, axis_name)
+      valid = jnp.concatenate([jnp.ones((k.shape[0], private), bool), received], axis=1)
+    return dot_product_attention(q, k_all, v_all, q_pos=q_pos, k_pos=k_pos,
+                                 causal=causal, kv_valid=valid), out
+
+
+def received_tokens(key: jax.Array, drop_rate: float, batch: int, total: int, local: int,
+                    axis_name: str) -> jnp.ndarray:
+  """[B, total] bool: which tokens' K/V reached this device over a lossy link.
+
+  Each non-local token is lost with probability ``drop_rate``, independently
+  per receiving device; this device's own block is always present.
+  """
+  index = jax.lax.axis_index(axis_name)
+  keep = jax.random.bernoulli(jax.random.fold_in(key, index), 1.0 - drop_rate, (batch, total))
+  own = (jnp.arange(total) // local) == index
+  return keep | own[None]
+
 
 @register
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +203,42 @@ class ExactExchange(Exchange):
 
   def bytes_per_token(self, kv_dim, dtype):
     return kv_dim * jnp.dtype(dtype).itemsize
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class RingExchange(Exchange):
+  """Ring attention (``astra_jax.ring``): full-precision K/V blocks forwarded to
+  the next device P - 1 times (``ppermute``), attention folded in block by block
+  with an online softmax, so no device needs the whole K/V at once to attend.
+  Exact: equal to ``exact`` up to float rounding, with the same bytes per token.
+  It models no link loss (``drop_rate`` must be 0).
+  """
+
+  name: ClassVar[str] = "ring"
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.drop_rate:
+      raise ValueError(
+          f"the ring exchange does not model link loss (drop_rate={self.drop_rate}); "
+          "use exact or vq for a lossy link")
+
+  def gather(self, state, k, v, *, axis_name, train=False, key=None):
+    del train, key
+    k, v = ring.place(ring.circulate(k, v, axis_name))
+    return ExchangeOut(k, v, state, jnp.zeros((), jnp.float32))
+
+  def attend(self, state, q, k, v, *, causal, train=False, key=None, axis_name=None,
+             private=0, query_transform=None, key_transform=None):
+    del train, key
+    out, k_all, v_all = ring.ring_attention(
+        q, k, v, causal=causal, axis_name=axis_name, private=private,
+        query_transform=query_transform, key_transform=key_transform)
+    return out, ExchangeOut(k_all, v_all, state, jnp.zeros((), jnp.float32))
+
+  def bytes_per_token(self, kv_dim, dtype):
+    return ExactExchange().bytes_per_token(kv_dim, dtype)
 
 
 class VQState(NamedTuple):
