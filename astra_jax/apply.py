@@ -9,6 +9,7 @@ traffic measurement all use this one entry point.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import jax
@@ -57,16 +58,43 @@ def sequence_apply(graphdef, mesh: Mesh | None, *, in_seq_dims: Sequence[int | N
                                     out_seq_dims=(out_seq_dim, None, None))
 
 
-def inference_forward(model: nnx.Module, mesh_size: int, *, out_seq_dim: Any = None):
-  """(forward, params, rest) to evaluate ``model`` at ``mesh_size`` devices.
+@dataclasses.dataclass(frozen=True)
+class Forward:
+  """A jitted evaluation forward and where its inputs go.
 
-  ``forward(params, rest, inputs, positions) -> (outputs, rest, aux)`` is
-  jitted (eval mode, no training noise); params and rest are replicated over
-  the mesh (checkpoints restore onto one device).
+  ``fn(params, rest, *inputs) -> (outputs, rest, aux)``; ``place(arrays,
+  seq_dims)`` puts host inputs on the mesh: split along their sequence
+  dimensions for sequence parallelism, whole on every device for tensor
+  parallelism.
+  """
+
+  fn: Callable[..., Any]
+  params: Any
+  rest: Any
+  mesh: Mesh | None
+  tensor: bool = False
+
+  def place(self, arrays: Any, seq_dims: Any) -> Any:
+    if self.tensor:
+      return mesh_lib.replicate(arrays, self.mesh)
+    return mesh_lib.to_global(arrays, self.mesh, seq_dims)
+
+
+def inference_forward(model: nnx.Module, mesh_size: int, *, out_seq_dim: Any = None,
+                      tensor: bool = False) -> Forward:
+  """The forward that evaluates ``model`` at ``mesh_size`` devices (eval mode, no
+  training noise): sequence-parallel, or tensor-parallel over a ``tp`` axis
+  with ``tensor=True`` (the model's ``cfg.sync`` at every sync point).  Params
+  and rest are replicated over the mesh (checkpoints restore onto one device).
   """
   graphdef, params, rest = split_model(model)
-  mesh = mesh_lib.seq_mesh_or_none(mesh_size)
+  if tensor:
+    from astra_jax import tensor_parallel
+    mesh = tensor_parallel.make_tp_mesh(mesh_size) if mesh_size > 1 else None
+    fn = tensor_parallel.tensor_apply(graphdef, mesh, model.tensor_layout(), inputs=2)
+  else:
+    mesh = mesh_lib.seq_mesh_or_none(mesh_size)
+    fn = sequence_apply(graphdef, mesh, in_seq_dims=(1, 0), train=False,
+                        out_seq_dim=out_seq_dim)
   params, rest = mesh_lib.replicate((params, rest), mesh)
-  forward = jax.jit(sequence_apply(graphdef, mesh, in_seq_dims=(1, 0), train=False,
-                                   out_seq_dim=out_seq_dim))
-  return forward, params, rest
+  return Forward(jax.jit(fn), params, rest, mesh, tensor)

@@ -60,12 +60,36 @@ def add_exchange_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_link_flags(parser: argparse.ArgumentParser) -> None:
-  """The flags every evaluation CLI shares: simulated link loss and multi-process."""
+  """The flags every evaluation CLI shares: simulated link loss, tensor-parallel
+  baselines and multi-process."""
   from astra_jax import distributed
+  add_tp_flag(parser)
   parser.add_argument("--drop-rate", type=float, default=0.0,
                       help="simulated link loss: fraction of non-local tokens' K/V (codes) "
                            "lost per exchange, masked out of attention")
   distributed.add_flags(parser)
+
+
+def add_tp_flag(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--tp", default=None, metavar="SYNC",
+                      help="tensor-parallel baseline instead of sequence parallelism: the "
+                           "weights split over --mesh devices, all-reduces done as SYNC: tp "
+                           "(exact), spd:drop=1+3 (Sync-Point Drop), flash:bits=4,group_size=128 "
+                           "(Flash Communication)")
+
+
+def sync_from_flags(args: argparse.Namespace):
+  """The ``--tp`` strategy, or None for sequence parallelism; ValueError on bad combos."""
+  if args.tp is None:
+    return None
+  from astra_jax import tensor_parallel
+  if getattr(args, "exchange", None) not in (None, "exact"):
+    raise ValueError(f"--tp runs tensor parallelism, which exchanges no K/V; drop "
+                     f"--exchange {args.exchange}")
+  if getattr(args, "drop_rate", 0.0):
+    raise ValueError("--drop-rate simulates lost K/V of sequence parallelism; it does not "
+                     "apply to --tp")
+  return tensor_parallel.from_spec(args.tp)
 
 
 def exchange_from_flags(args: argparse.Namespace):

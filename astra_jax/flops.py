@@ -15,6 +15,7 @@ as the dense implementation does.  With width D, H heads, MLP width M:
   proj      2 n D D
   mlp       2 m n D M           m = 2 matrices (GELU MLP) or 3 (SwiGLU)
   total     4 n D^2 + 4 n D Dkv + 2 m n D M + 4 n Tk D + 5 n H Tk  (+ the exchange's work)
+            (with Da for D in the query/projection/score terms: 4 n D Da, 4 n Tk Da)
 
 Elementwise work (LayerNorm, GELU, residual adds, biases) is left out: XLA's
 own FLOP count of a compiled layer is within 0.5% of this total for ViT-B/16
@@ -26,8 +27,14 @@ read once; every activation (LayerNorm outputs, QKV, the full K/V, logits and
 softmax weights, attention output, MLP hidden and output) written once and
 read once:
 
-  bytes = s (2 D^2 + 2 D Dkv + m D M + 9 D + M)
-          + 2 s (n (6 D + 2 Dkv + m M) + 2 Tk Dkv + 2 n H Tk)
+  bytes = s (2 D Da + 2 D Dkv + m D M + 7 D + 2 Da + M)
+          + 2 s (n (4 D + 2 Da + 2 Dkv + m M) + 2 Tk Dkv + 2 n H Tk)
+
+Tensor parallelism (``tensor_layer_cost``): every device holds all T tokens
+(n = T + private) and 1/P of the heads (H/P, Da = D/P, Dkv/P but at least one
+K/V head, which GQA devices then compute redundantly) and of the MLP (M/P);
+the residual stream, LayerNorms and biases stay whole.  The sync strategy
+adds its own work through ``SYNC_COSTS`` (flash: quantizing and dequantizing).
 
 Exchanges add their own work through ``EXCHANGE_COSTS`` (per device, P > 1):
 
@@ -69,6 +76,8 @@ class LayerShape:
   itemsize: bytes per activation/weight element (4 for float32)
   kv_width: Dkv, the K (or V) width per token (None: D; GQA: KV heads x head dim)
   mlp_matrices: 2 for a GELU MLP, 3 for SwiGLU (gate, up, down)
+  attn_width: Da, the query/attention-output width (None: D); a tensor-parallel
+           device holds D/P of it (``tensor_layer_cost``)
   """
 
   tokens: int
@@ -79,10 +88,15 @@ class LayerShape:
   itemsize: int = 4
   kv_width: int | None = None
   mlp_matrices: int = 2
+  attn_width: int | None = None
 
   @property
   def kv(self) -> int:
     return self.width if self.kv_width is None else self.kv_width
+
+  @property
+  def attn(self) -> int:
+    return self.width if self.attn_width is None else self.attn_width
 
   def local_tokens(self, mesh_size: int) -> int:
     if mesh_size < 1 or self.tokens % mesh_size:
@@ -94,13 +108,13 @@ class LayerShape:
 def layer_cost(shape: LayerShape, mesh_size: int, exchange: Any = None) -> Cost:
   """One layer's FLOPs and bytes on one of ``mesh_size`` devices (formula above)."""
   d, h, m, s = shape.width, shape.heads, shape.mlp, shape.itemsize
-  dkv, mats = shape.kv, shape.mlp_matrices
+  dkv, mats, da = shape.kv, shape.mlp_matrices, shape.attn
   n = shape.local_tokens(mesh_size) + shape.private
   tk = shape.tokens + shape.private
-  flops = 4 * n * d * d + 4 * n * d * dkv + 2 * mats * n * d * m + 4 * n * tk * d \
+  flops = 4 * n * d * da + 4 * n * d * dkv + 2 * mats * n * d * m + 4 * n * tk * da \
       + 5 * n * h * tk
-  weights = 2 * d * d + 2 * d * dkv + mats * d * m + 9 * d + m
-  activations = n * (6 * d + 2 * dkv + mats * m) + 2 * tk * dkv + 2 * n * h * tk
+  weights = 2 * d * da + 2 * d * dkv + mats * d * m + 7 * d + 2 * da + m
+  activations = n * (4 * d + 2 * da + 2 * dkv + mats * m) + 2 * tk * dkv + 2 * n * h * tk
   cost = Cost(flops, s * weights + 2 * s * activations)
   if exchange is not None and mesh_size > 1:
     cost = cost + exchange_cost(exchange, shape, mesh_size)
@@ -148,3 +162,56 @@ def _vq_cost(exchange, shape, mesh_size) -> Cost:
   per_tensor = Cost(2 * ns * k * d + 2 * ns * g * k + 2 * k * d,
                     s * (2 * k * d + 2 * ns * g * k))
   return per_tensor.scale(2)
+
+
+def tensor_layer_cost(shape: LayerShape, mesh_size: int, sync: Any = None,
+                      head_dim: int | None = None) -> Cost:
+  """One layer's FLOPs and bytes on one of ``mesh_size`` tensor-parallel devices.
+
+  ``head_dim`` (default D / H) sets the smallest K/V share a device can hold.
+  """
+  p = mesh_size
+  head_dim = head_dim or shape.attn // shape.heads
+  if shape.heads % p or shape.mlp % p:
+    raise ValueError(f"{shape.heads} heads / MLP width {shape.mlp} do not split over {p} "
+                     "tensor-parallel devices")
+  local = dataclasses.replace(
+      shape, tokens=shape.tokens, heads=shape.heads // p, mlp=shape.mlp // p,
+      attn_width=shape.attn // p, kv_width=max(shape.kv // p, head_dim))
+  cost = layer_cost(local, 1)
+  if sync is not None and p > 1:
+    name = getattr(sync, "name", sync)
+    if name not in SYNC_COSTS:
+      raise ValueError(f"no compute-cost model for tensor-parallel sync {name!r}; add one "
+                       f"with @register_sync_cost({name!r}) (known: {sorted(SYNC_COSTS)})")
+    cost = cost + SYNC_COSTS[name](sync, shape, p)
+  return cost
+
+
+SYNC_COSTS: dict[str, ExchangeCost] = {}
+
+
+def register_sync_cost(name: str):
+  """Decorator: the per-device, per-layer work a tensor-parallel sync adds (P > 1)."""
+  def wrap(fn: ExchangeCost) -> ExchangeCost:
+    SYNC_COSTS[name] = fn
+    return fn
+  return wrap
+
+
+@register_sync_cost("tp")
+@register_sync_cost("spd")
+def _psum_cost(sync, shape, mesh_size) -> Cost:
+  del sync, shape, mesh_size
+  return Cost()  # the all-reduce's additions are part of the collective
+
+
+@register_sync_cost("flash")
+def _flash_cost(sync, shape, mesh_size) -> Cost:
+  """Per sync point (2 per layer), v = n D values: quantize all of them (min, max,
+  scale, round: ~6 ops/value), dequantize and sum the P received chunks
+  (2 v ops), requantize the own chunk (6 v / P) and dequantize everything (2 v);
+  every pass reads and writes the values once."""
+  v = (shape.tokens + shape.private) * shape.width
+  flops = 6 * v + 2 * v + 6 * v / mesh_size + 2 * v
+  return Cost(flops, shape.itemsize * 2 * 4 * v).scale(2)

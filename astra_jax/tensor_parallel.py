@@ -146,6 +146,14 @@ class Sync:
   def site(self, layer: int, where: str) -> "SyncPoint":
     return SyncPoint(self, layer, where)
 
+  def spec(self) -> str:
+    """The spec string ``from_spec`` reads back, e.g. 'flash:bits=4,group_size=128'."""
+    def text(v):
+      return "+".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    options = ",".join(f"{f.name}={text(getattr(self, f.name))}"
+                       for f in dataclasses.fields(self))
+    return f"{self.name}:{options}" if options else self.name
+
 
 @register
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +168,8 @@ class ExactSync(Sync):
 class SPDSync(Sync):
   """Sync-Point Drop: skip the all-reduce after attention in the ``drop`` blocks.
 
-  ``drop``: block indices, a tuple or a spec string '1+3+5' (empty: plain tp).
+  ``drop``: block indices, a tuple or a spec string '1+3+5' (empty: plain tp),
+  or "all" (every block: one all-reduce per block, SPD's largest saving).
   """
 
   name: ClassVar[str] = "spd"
@@ -168,6 +177,8 @@ class SPDSync(Sync):
 
   def __post_init__(self):
     drop = self.drop
+    if drop == "all":
+      return
     if isinstance(drop, str):
       drop = [d for d in drop.replace(" ", "").split("+") if d]
     elif isinstance(drop, int):
@@ -182,10 +193,10 @@ class SPDSync(Sync):
     object.__setattr__(self, "drop", drop)
 
   def defers(self, layer, where):
-    return where == "attn" and layer in self.drop
+    return where == "attn" and (self.drop == "all" or layer in self.drop)
 
   def check_layers(self, layers):
-    bad = [d for d in self.drop if d >= layers]
+    bad = [] if self.drop == "all" else [d for d in self.drop if d >= layers]
     if bad:
       raise ValueError(f"spd drops block(s) {bad} but the model has {layers} blocks "
                        f"(0..{layers - 1})")

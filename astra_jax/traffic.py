@@ -198,10 +198,38 @@ def exchange_summary(forward: Callable[..., Any], example_args: tuple, exchange,
                                     tokens_per_device=tokens // mesh_size, kv_dim=width,
                                     dtype=jnp.float32, mesh_size=mesh_size)
   return {
+      "parallelism": "sequence", "strategy": exchange.name,
       "exchange": exchange.name, "mesh": mesh_size,
       "groups": getattr(exchange, "groups", None),
       "codebook_size": getattr(exchange, "codebook_size", None),
       "bits_per_token": 8 * exchange.bytes_per_token(width, jnp.float32),
       "bytes_per_device": report.bytes_per_device,
       "bytes_per_device_formula": formula + (extra_formula_bytes if mesh_size > 1 else 0),
+  }
+
+
+def tensor_parallel_bytes(sync, *, layers: int, values: int, mesh_size: int) -> int:
+  """Analytic bytes one device hands to collectives per forward under tensor
+  parallelism: one all-reduce of ``values`` (B x T x D) numbers at every sync
+  point the strategy keeps (2 per block; SPD drops some)."""
+  if mesh_size == 1:
+    return 0
+  points = sum(not sync.defers(layer, where) for layer in range(layers)
+               for where in ("attn", "mlp"))
+  return points * sync.all_reduce_bytes(values, mesh_size)
+
+
+def tensor_summary(forward: Callable[..., Any], example_args: tuple, sync, *,
+                   layers: int, values: int, mesh_size: int) -> dict[str, Any]:
+  """``exchange_summary``'s counterpart for a tensor-parallel forward:
+  ``values`` is what one all-reduce sums for one example (tokens x width)."""
+  report = compiled_traffic(forward, *example_args)
+  return {
+      "parallelism": "tensor", "strategy": sync.name, "mesh": mesh_size,
+      "sync": {"name": sync.name, **{f.name: getattr(sync, f.name)
+                                     for f in dataclasses.fields(sync)}},
+      "bytes_per_device": report.bytes_per_device,
+      "bytes_per_device_formula": tensor_parallel_bytes(sync, layers=layers, values=values,
+                                                        mesh_size=mesh_size),
+      "collectives": report.by_kind(),
   }

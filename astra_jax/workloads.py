@@ -12,6 +12,8 @@ tiny CPU models this project trains).  For the latency model it supplies:
                medium on a CPU is slow; the slices give the same bytes.
   ``costs``    analytic FLOPs/bytes (``astra_jax.flops``) of a layer and of the
                embedding / head on one of P devices.
+  Every function takes a strategy: a K/V exchange (sequence parallel) or a
+  tensor-parallel sync (``astra_jax.tensor_parallel``; ``is_tensor``).
   ``measure``  seconds on this host for one device's share: the per-device
                program of a 1- and 2-layer slice is ``vmap``-ed over P (the
                collectives become in-memory gathers), timed, and divided by P.
@@ -41,11 +43,16 @@ class Workload:
   options: Any
   tiny: bool = False
 
-  def config(self, exchange=None):
+  def config(self, strategy=None):
+    """The model config; ``strategy``: a K/V exchange (default exact) or a
+    tensor-parallel sync (``astra_jax.tensor_parallel``)."""
     from astra_jax import exchange as exchange_lib
-    exchange = exchange or exchange_lib.make_exchange("exact")
-    options = self.options() if callable(self.options) else self.options
-    return _family(self.family)[0](exchange=exchange, **dict(options))
+    options = dict(self.options() if callable(self.options) else self.options)
+    if is_tensor(strategy):
+      options["sync"] = strategy
+    else:
+      options["exchange"] = strategy or exchange_lib.make_exchange("exact")
+    return _family(self.family)[0](**options)
 
   @property
   def tokens(self) -> int:
@@ -69,6 +76,20 @@ class Workload:
                               itemsize=jnp_itemsize(cfg.param_dtype))
     width, _, heads = cfg.sizes
     return flops.LayerShape(self.tokens, width, heads, 4 * width)
+
+
+def is_tensor(strategy) -> bool:
+  """Whether ``strategy`` is a tensor-parallel sync (else a K/V exchange or None)."""
+  from astra_jax import tensor_parallel
+  return isinstance(strategy, tensor_parallel.Sync)
+
+
+def parse_strategy(spec: str):
+  """A bench spec string -> a K/V exchange or a tensor-parallel sync."""
+  from astra_jax import exchange, tensor_parallel
+  if tensor_parallel.is_spec(spec):
+    return tensor_parallel.from_spec(spec)
+  return exchange.from_spec(spec)
 
 
 def jnp_itemsize(dtype: str) -> int:
@@ -116,16 +137,22 @@ def get(name: str) -> Workload:
   return WORKLOADS[name]
 
 
-def costs(workload: Workload, mesh_size: int, exchange=None):
+def costs(workload: Workload, mesh_size: int, strategy=None):
   """(layer, embed, head) ``flops.Cost`` on one of ``mesh_size`` devices.
 
   ViT: patch embedding of the local patches; head on the class token.
   GPT-2: embedding lookups (memory only); the LM head on the last token only,
-  which is what a prefill returns (the next-token distribution).
+  which is what a prefill returns (the next-token distribution).  Tensor
+  parallel: every device embeds every token.
   """
   shape = workload.shape
-  layer = flops.layer_cost(shape, mesh_size, exchange)
-  tl = shape.local_tokens(mesh_size)
+  if is_tensor(strategy):
+    head_dim = shape.attn // shape.heads
+    layer = flops.tensor_layer_cost(shape, mesh_size, strategy, head_dim)
+    tl = shape.tokens
+  else:
+    layer = flops.layer_cost(shape, mesh_size, strategy)
+    tl = shape.local_tokens(mesh_size)
   cfg = workload.config()
   s = shape.itemsize
   if workload.family == "vit":
@@ -198,20 +225,33 @@ class LayerTraffic:
     return layers * self.layer_bytes + self.final_bytes
 
 
-def traffic(workload: Workload, exchange, mesh_size: int) -> LayerTraffic:
-  """Per-layer and final collectives of ``workload`` on ``mesh_size`` devices (HLO)."""
+def traffic(workload: Workload, strategy, mesh_size: int) -> LayerTraffic:
+  """Per-layer and final collectives of ``workload`` on ``mesh_size`` devices (HLO),
+  sequence-parallel with an exchange or tensor-parallel with a sync."""
   if mesh_size == 1:
     return LayerTraffic((), ())
   import jax
-  from astra_jax import apply, mesh as mesh_lib
+  from astra_jax import apply, mesh as mesh_lib, tensor_parallel
   from astra_jax import traffic as traffic_lib
-  mesh_lib.check_divisible(workload.tokens, mesh_size)
-  mesh = mesh_lib.make_seq_mesh(mesh_size)
+  tensor = is_tensor(strategy)
+  if tensor:
+    if getattr(strategy, "drop", "all") not in ("all", ()):
+      raise ValueError(f"the bench scales one layer's traffic to all layers; SPD must drop "
+                       f"every block or none there (spd:drop=all), not {strategy.drop}")
+    mesh = tensor_parallel.make_tp_mesh(mesh_size)
+  else:
+    mesh_lib.check_divisible(workload.tokens, mesh_size)
+    mesh = mesh_lib.make_seq_mesh(mesh_size)
   kinds = []
   for layers in (1, 2):
-    graphdef, params, rest = apply.split_model(_model(workload, exchange, layers, True))
-    fn = jax.jit(apply.sequence_apply(graphdef, mesh, in_seq_dims=(1, 0), train=False,
-                                      out_seq_dim=_out_seq_dim(workload)))
+    model = _model(workload, strategy, layers, True)
+    graphdef, params, rest = apply.split_model(model)
+    if tensor:
+      fn = jax.jit(tensor_parallel.tensor_apply(graphdef, mesh, model.tensor_layout(),
+                                                inputs=2))
+    else:
+      fn = jax.jit(apply.sequence_apply(graphdef, mesh, in_seq_dims=(1, 0), train=False,
+                                        out_seq_dim=_out_seq_dim(workload)))
     kinds.append(_by_kind(traffic_lib.compiled_traffic(fn, params, rest, *_inputs(workload))))
   one, two = kinds
   per_layer, final = [], []
@@ -264,14 +304,18 @@ def measure(workload: Workload, exchange, mesh_size: int, repeats: int = 5):
     x = jax.random.randint(key, x_sds.shape, 0, workload.config().vocab_size)
   positions = jnp.arange(workload.tokens)
   on_mesh = mesh_size == 1 or len(jax.devices()) >= mesh_size
+  tensor = is_tensor(exchange)
+  if tensor and not on_mesh:
+    raise ValueError(f"timing tensor parallelism needs {mesh_size} devices; set "
+                     f"JAX_NUM_CPU_DEVICES={mesh_size} (the bench does) ")
   seconds = []
   for layers in (1, 2):
     model = _model(workload, exchange, layers, False)
     if on_mesh:
-      run, params, rest = apply.inference_forward(
-          model, mesh_size, out_seq_dim=None if workload.family == "vit" else 1)
-      inputs = mesh_lib.to_global((x, positions), mesh_lib.seq_mesh_or_none(mesh_size), (1, 0))
-      seconds.append(_time(run, (params, rest, *inputs), repeats) / mesh_size)
+      fwd = apply.inference_forward(
+          model, mesh_size, out_seq_dim=None if workload.family == "vit" else 1, tensor=tensor)
+      inputs = fwd.place((x, positions), (1, 0))
+      seconds.append(_time(fwd.fn, (fwd.params, fwd.rest, *inputs), repeats) / mesh_size)
       continue
     graphdef, params, rest = apply.split_model(model)
     body = apply.sequence_apply(graphdef, None, in_seq_dims=(1, 0), train=False)

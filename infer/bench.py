@@ -1,4 +1,4 @@
-"""Prefill latency for models x devices x bandwidths x exchanges: HLO bytes + a latency model.
+"""Prefill latency for models x devices x bandwidths x strategies: HLO bytes + a latency model.
 
   python -m infer.bench                       # the full matrix, into results/bench/
   python -m infer.bench --tiny --out /tmp/b   # CI: tiny models, a few points, seconds
@@ -9,9 +9,11 @@ Bytes per device come from the compiled program of each (model, P, exchange)
 (``astra_jax.workloads.traffic``, cached); compute from a device profile's
 roofline (``astra_jax.devices``) or, for profile ``measured`` (``--measure``
 adds it for the tiny models), timed on this host; ``astra_jax.latency``
-combines them.  Exchanges are spec strings: a name from
-``astra_jax.exchange.available()`` and options, e.g. ``vq:groups=32`` or
-``vq:groups=1,codebook_size=256``.  Writes bench.json (every row), bench.md
+combines them.  Strategies are spec strings: a K/V exchange of sequence
+parallelism (``astra_jax.exchange.available()``: ``exact``, ``ring``,
+``vq:groups=32``, ``vq:groups=1,codebook_size=256``) or a tensor-parallel sync
+(``astra_jax.tensor_parallel.available()``: ``tp``, ``spd:drop=all``,
+``flash:bits=4,group_size=128``).  Writes bench.json (every row), bench.md
 (tables and the comparison with the ASTRA paper) and PNG plots to --out; the
 last stdout line is one JSON object.
 """
@@ -27,7 +29,8 @@ from astra_jax import cli
 
 FULL = dict(models=["vit-b16", "gpt2-small", "gpt2-medium", "vit-mu7", "gpt2-micro"],
             mesh=[1, 2, 4, 8], bandwidths=[10, 20, 50, 100, 500, 1000],
-            exchanges=["exact", "vq:groups=32", "vq:groups=1"],
+            exchanges=["exact", "vq:groups=32", "vq:groups=1", "ring", "tp", "spd:drop=all",
+                       "flash:bits=4,group_size=128", "flash:bits=8,group_size=128"],
             profiles=["gtx1660ti", "orin-nano", "rpi5", "h100"])
 TINY = dict(models=["vit-mu7", "gpt2-micro"], mesh=[1, 4], bandwidths=[10, 1000],
             exchanges=["exact", "vq:groups=32"], profiles=["gtx1660ti"])
@@ -44,7 +47,10 @@ def parse(argv):
                  help=f"Mbit/s, default {FULL['bandwidths']}")
   p.add_argument("--trace", default=None,
                  help="also a dynamic network: SECONDS:MBITS pairs, e.g. '0:100,0.2:10,1:50'")
-  p.add_argument("--exchanges", nargs="+", help=f"exchange specs, default {FULL['exchanges']}")
+  p.add_argument("--strategies", "--exchanges", dest="exchanges", nargs="+",
+                 help="K/V exchange specs (sequence parallel: exact, ring, vq:groups=32) and "
+                 "tensor-parallel syncs (tp, spd:drop=all, flash:bits=4,group_size=128), "
+                 f"default {FULL['exchanges']}")
   p.add_argument("--profiles", nargs="+", help=f"device profiles (see astra_jax.devices, "
                  f"'host', '{MEASURED}'), default {FULL['profiles']}")
   p.add_argument("--measure", action="store_true",
@@ -103,11 +109,11 @@ def main(argv=None):
     cli.fail(str(e))
   cli.ensure_cpu_devices(max(args.mesh))
   try:
-    rows, paper = run(args)
+    rows, paper, skipped = run(args)
   except ValueError as e:
     cli.fail(str(e))
   from infer import bench_report
-  files = bench_report.write(args.out, rows, paper, command=_command(argv))
+  files = bench_report.write(args.out, rows, paper, command=_command(argv), skipped=skipped)
   if paper:
     print(bench_report.paper_text(paper))
   cli.print_result({"out": args.out, "rows": len(rows), "files": files, "paper": paper})
@@ -123,7 +129,7 @@ def run(args):
   from astra_jax import devices, exchange, latency, mesh as mesh_lib, workloads
 
   models = [workloads.get(m) for m in args.models]
-  exchanges = {spec: exchange.from_spec(spec) for spec in args.exchanges}
+  exchanges = {spec: workloads.parse_strategy(spec) for spec in args.exchanges}
   # exact SP is every row's baseline, run even when not asked for
   exact_spec = next((s for s, e in exchanges.items() if e.name == "exact"), "exact")
   exchanges_all = {exact_spec: exchange.from_spec(exact_spec), **exchanges}
@@ -131,10 +137,22 @@ def run(args):
     for p in args.mesh:
       mesh_lib.check_divisible(w.tokens, p, what=f"{w.name} token")
     for spec, ex in exchanges_all.items():
+      if workloads.is_tensor(ex):
+        continue  # checked per mesh size below
       try:
         ex.bytes_per_token(w.shape.width, "float32")
       except ValueError as e:
         raise ValueError(f"exchange {spec!r} does not fit {w.name}: {e}") from None
+  # tensor parallelism splits heads: a model runs it only on device counts that divide them
+  skipped = {}
+  for w in models:
+    for p in args.mesh:
+      for spec, ex in exchanges.items():
+        if workloads.is_tensor(ex):
+          try:
+            workloads.costs(w, p, ex)
+          except ValueError as e:
+            skipped[w.name, p, spec] = str(e)
 
   profiles = {name: devices.get(name, args.host_profile)
               for name in args.profiles if name != MEASURED}
@@ -145,9 +163,10 @@ def run(args):
 
   # the expensive part: compile (and time) each (model, P, exchange) once
   tasks = [("traffic", w, p, spec) for w in models for p in meshes if p > 1
-           for spec in exchanges_all]
+           for spec in exchanges_all if (w.name, p, spec) not in skipped]
   tasks += [("measure", w, p, spec) for w in measured_models for p in meshes
-            for spec in exchanges_all if p > 1 or spec == exact_spec]
+            for spec in exchanges_all if (p > 1 or spec == exact_spec)
+            and (w.name, p, spec) not in skipped]
   traffic, timed = {}, {}
   bar = tqdm.tqdm(tasks, desc="compile/measure", unit="program", file=sys.stderr)
   for kind, w, p, spec in bar:
@@ -189,6 +208,7 @@ def run(args):
         "compute": "measured" if source == MEASURED else "roofline",
         "topology": topology, "mesh": p, "bandwidth_mbps": mbps,
         "bandwidth": f"{mbps:g}" if mbps else trace.label(), "exchange": spec,
+        "parallelism": "tensor" if workloads.is_tensor(exchanges_all[spec]) else "sequence",
         "bytes_per_device": tr.total_bytes(w.layers),
         "bytes_per_device_per_layer": tr.layer_bytes,
         "collectives_per_layer": sum(t.count for t in tr.per_layer),
@@ -210,7 +230,8 @@ def run(args):
         for mbps, trace in networks:
           for p in args.mesh:
             for spec in exchanges:
-              rows.append(row(w, source, p, spec, mbps, trace, topology))
+              if (w.name, p, spec) not in skipped:
+                rows.append(row(w, source, p, spec, mbps, trace, topology))
 
   # the ASTRA paper's operating point, on both topologies, when the matrix has its programs
   g32 = [s for s, e in exchanges.items()
@@ -225,7 +246,8 @@ def run(args):
         "latency_ms_per_message": args.latency_ms, "efficiency": args.efficiency,
         "ours": {t: row(w, PAPER["profile"], PAPER["mesh"], g32[0], mbps,
                         latency.Trace.constant(mbps), t) for t in latency.TOPOLOGIES}}
-  return rows, paper
+  return rows, paper, [{"model": m, "mesh": p, "strategy": s, "why": why}
+                       for (m, p, s), why in skipped.items()]
 
 
 # ASTRA (arXiv 2505.19342): GTX 1660 Ti, 4 devices, ViT-B/16 1024 tokens, 10 Mbit/s, G=32

@@ -26,17 +26,20 @@ TOPOLOGY_TEXT = {
 }
 
 
-def write(out: str, rows: list[dict], paper: dict | None, *, command: str) -> list[str]:
+def write(out: str, rows: list[dict], paper: dict | None, *, command: str,
+          skipped: list[dict] = ()) -> list[str]:
   """Writes every output into ``out``; returns the file paths."""
   os.makedirs(out, exist_ok=True)
   files = [os.path.join(out, "bench.json"), os.path.join(out, "bench.md")]
   with open(files[0], "w") as f:  # one row per line: small, and diffs stay readable
-    head = json.dumps({"command": command, "formula": FORMULA, "paper": paper})
+    head = json.dumps({"command": command, "formula": FORMULA, "paper": paper,
+                       "skipped": list(skipped)})
     f.write(head[:-1] + ', "rows": [\n')
     f.write(",\n".join(json.dumps(r) for r in rows) + "\n]}\n")
   files += plots(out, rows)
   with open(files[1], "w") as f:
-    f.write(markdown(rows, paper, command=command, plots=[os.path.basename(p) for p in files[2:]]))
+    f.write(markdown(rows, paper, command=command, plots=[os.path.basename(p) for p in files[2:]],
+                     skipped=skipped))
   return files
 
 
@@ -60,7 +63,7 @@ def _x(v: float) -> str:
   return f"{v:.3g}x"
 
 
-def markdown(rows, paper, *, command: str, plots: list[str]) -> str:
+def markdown(rows, paper, *, command: str, plots: list[str], skipped=()) -> str:
   topologies = list(dict.fromkeys(r["topology"] for r in rows))
   lines = ["# Prefill latency bench", "", f"Made by `{command}`; every row is in "
            "`bench.json`.", "", f"Model: {FORMULA}. Bytes per device are read from the "
@@ -69,6 +72,11 @@ def markdown(rows, paper, *, command: str, plots: list[str]) -> str:
   lines += [f"- {t}: {TOPOLOGY_TEXT[t]}" for t in topologies] + [""]
   if paper:
     lines += _paper_md(paper)
+  lines += _winners(rows)
+  if skipped:
+    lines += ["Not run (tensor parallelism splits whole heads):", ""]
+    lines += [f"- {s['model']} P={s['mesh']} {s['strategy']}: {s['why']}" for s in skipped]
+    lines += [""]
   groups = defaultdict(list)
   for r in rows:
     groups[r["profile"], r["topology"]].append(r)
@@ -77,6 +85,33 @@ def markdown(rows, paper, *, command: str, plots: list[str]) -> str:
   if plots:
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
   return "\n".join(lines)
+
+
+def _winners(rows) -> list[str]:
+  """Per model, profile and topology at P=4 (else the largest P): the fastest
+  strategy at each bandwidth, with its speedup over one device."""
+  groups = defaultdict(list)
+  for r in rows:
+    if r["mesh"] > 1:
+      groups[r["model"], r["profile"], r["topology"]].append(r)
+  if not groups:
+    return []
+  bands = list(dict.fromkeys(r["bandwidth"] for r in rows))
+  lines = ["## Fastest strategy", "", "At P=4 devices (or the largest P run), the strategy "
+           "with the lowest modeled prefill latency and its speedup over one device "
+           "(below 1x: one device is faster).", "",
+           "| model | profile | topology | P | " + " | ".join(f"{b} Mbit/s" for b in bands) + " |",
+           "|---|---|---|---|" + "---|" * len(bands)]
+  for (model, profile, topology), rs in groups.items():
+    p = 4 if any(r["mesh"] == 4 for r in rs) else max(r["mesh"] for r in rs)
+    cells = []
+    for b in bands:
+      at = [r for r in rs if r["mesh"] == p and r["bandwidth"] == b]
+      best = min(at, key=lambda r: r["latency_s"], default=None)
+      cells.append("" if best is None else
+                   f"{best['exchange']} {_x(best['speedup_vs_single'])}")
+    lines.append(f"| {model} | {profile} | {topology} | {p} | " + " | ".join(cells) + " |")
+  return lines + [""]
 
 
 def _paper_md(paper) -> list[str]:
@@ -104,7 +139,7 @@ def _table(profile, topology, rows) -> list[str]:
   lines = [f"## {profile}, {topology}", "",
            "Latency in ms (speedup over one device); bytes sent per device per forward, "
            "read from the compiled program.", "",
-           "| model | P | exchange | bytes/device | compute ms | " + " | ".join(head) + " |",
+           "| model | P | strategy | bytes/device | compute ms | " + " | ".join(head) + " |",
            "| --- | ---: | --- | ---: | ---: |" + " ---: |" * len(bands)]
   cells = defaultdict(dict)
   for r in rows:

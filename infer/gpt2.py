@@ -62,18 +62,24 @@ def main(argv=None, *, description: str | None = None):
     if args.drop_rate and args.prompt is not None:
       raise ValueError("--drop-rate simulates losses in the prefill forward of --eval; "
                        "generation (--prompt) does not model them: drop one of the two")
+    sync = cli.sync_from_flags(args)
+    if sync is not None and args.prompt is not None:
+      raise ValueError("--tp evaluates tensor-parallel baselines (--eval); generation "
+                       "(--prompt) runs the sequence-parallel prefill: drop one of the two")
     target = lm.model_config(cfg, args.exchange)
     target = dataclasses.replace(
         target, exchange=dataclasses.replace(target.exchange, drop_rate=args.drop_rate))
+    if sync is not None:
+      target = dataclasses.replace(target, sync=sync)
     cfg, model_cfg, model = lm.restore_trained(args.workdir, target, args.step)
     tokenizer = text_lib.load_tokenizer(cfg.tokenizer)
     if args.eval:
       _, valid_text = text_lib.load_splits(cfg.text)
       result = lm.evaluate(model, cfg, model_cfg, lm.token_ids(valid_text, tokenizer),
                            args.mesh, cfg.eval_batch_size,
-                           args.eval_windows or cfg.eval_windows)
+                           args.eval_windows or cfg.eval_windows, tensor=sync is not None)
       print(f"perplexity {result['perplexity']:.3f} over {result['tokens']} validation tokens, "
-            f"{result['exchange']} exchange, mesh {args.mesh}, "
+            f"{result['strategy']} ({result['parallelism']} parallel), mesh {args.mesh}, "
             f"{result['bytes_per_device']:,} bytes/device per {cfg.context}-token forward",
             flush=True)
     if args.prompt is not None:

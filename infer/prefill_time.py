@@ -1,7 +1,8 @@
-"""Measured end-to-end latency of one sequence-parallel forward (prefill).
+"""Measured end-to-end latency of one sequence- or tensor-parallel forward (prefill).
 
   python -m infer.prefill_time --model gpt2:mini --tokens 1024 --exchange vq --groups 32 --mesh 2
   python -m infer.prefill_time --model gpt2:mini --tokens 1024 --mesh 1      # one device
+  python -m infer.prefill_time --model gpt2:mini --tokens 1024 --mesh 2 --tp flash:bits=4
   python -m infer.testbed --procs 2 --rate 10 -- infer.prefill_time --model gpt2:mini --mesh 2
 
 Builds the model at random initialisation (``gpt2:<variant>`` with a 256-token
@@ -45,6 +46,7 @@ def parse(argv):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="also write the JSON result here")
   cli.add_exchange_flags(p)
+  cli.add_tp_flag(p)
   distributed.add_flags(p)
   args = p.parse_args(argv)
   family, _, variant = args.model.partition(":")
@@ -58,8 +60,9 @@ def parse(argv):
   return args
 
 
-def build(args, exchange):
-  """(model, host inputs (x, positions), out_seq_dim, (width, layers)) at random init."""
+def build(args, exchange, sync=None):
+  """(model, host inputs (x, positions), out_seq_dim, (width, layers)) at random init;
+  ``sync``: the tensor-parallel strategy (None: the default, inert without a tp axis)."""
   import numpy as np
   from flax import nnx
   rng = np.random.default_rng(args.seed)
@@ -67,7 +70,8 @@ def build(args, exchange):
   family, _, variant = args.model.partition(":")
   if family == "gpt2":
     from astra_jax.models import gpt2
-    cfg = gpt2.GPT2Config(variant=variant, vocab_size=256, context=args.tokens, exchange=exchange)
+    cfg = gpt2.GPT2Config(variant=variant, vocab_size=256, context=args.tokens, exchange=exchange,
+                          **({"sync": sync} if sync else {}))
     model = gpt2.GPT2(cfg, rngs=nnx.Rngs(args.seed))
     x = rng.integers(0, 256, (args.batch, args.tokens), dtype=np.int32)
     return model, (x, positions), 1, cfg.sizes[:2]
@@ -81,7 +85,7 @@ def build(args, exchange):
     raise ValueError(f"vit models are named vit:<variant>/<patch>, e.g. vit:Ti/16; got "
                      f"{args.model!r}")
   cfg = vit.ViTConfig(variant=variant, image_size=side * int(patch), channels=3,
-                      num_classes=1000, exchange=exchange)
+                      num_classes=1000, exchange=exchange, **({"sync": sync} if sync else {}))
   model = vit.ViT(cfg, rngs=nnx.Rngs(args.seed))
   x = rng.standard_normal((args.batch, args.tokens, int(patch) ** 2 * 3)).astype(np.float32)
   return model, (x, positions), None, cfg.sizes[:2]
@@ -110,13 +114,16 @@ def measure(args) -> dict:
   import jax
   from astra_jax import apply, mesh as mesh_lib, traffic
   exchange = cli.exchange_from_flags(args)
-  mesh_lib.check_divisible(args.tokens, args.mesh, what="token")
-  model, inputs, out_seq_dim, (width, layers) = build(args, exchange)
-  forward, params, rest = apply.inference_forward(model, args.mesh, out_seq_dim=out_seq_dim)
-  mesh = mesh_lib.seq_mesh_or_none(args.mesh)
-  inputs = mesh_lib.to_global(inputs, mesh, (1, 0))
+  sync = cli.sync_from_flags(args)
+  if sync is None:
+    mesh_lib.check_divisible(args.tokens, args.mesh, what="token")
+  model, inputs, out_seq_dim, (width, layers) = build(args, exchange, sync)
+  fwd = apply.inference_forward(model, args.mesh, out_seq_dim=out_seq_dim,
+                                tensor=sync is not None)
+  params, rest = fwd.params, fwd.rest
+  inputs = fwd.place(inputs, (1, 0))
   start = time.perf_counter()
-  compiled = forward.lower(params, rest, *inputs).compile()
+  compiled = fwd.fn.lower(params, rest, *inputs).compile()
   compile_s = time.perf_counter() - start
   bytes_per_device = traffic.hlo_traffic(compiled.as_text()).bytes_per_device
   for i in range(args.warmup):
@@ -132,6 +139,8 @@ def measure(args) -> dict:
   return {
       "model": args.model, "tokens": args.tokens, "batch": args.batch, "mesh": args.mesh,
       "processes": jax.process_count(), "exchange": exchange.name,
+      "strategy": sync.name if sync else exchange.name,
+      "parallelism": "tensor" if sync else "sequence", "tp": args.tp,
       "groups": getattr(exchange, "groups", None),
       "codebook_size": getattr(exchange, "codebook_size", None),
       "width": width, "layers": layers,
@@ -148,7 +157,8 @@ def main(argv=None):
     result = measure(args)
   except ValueError as e:
     cli.fail(str(e))
-  print(f"{args.model} {args.tokens} tokens, mesh {args.mesh}, {result['exchange']} exchange: "
+  print(f"{args.model} {args.tokens} tokens, mesh {args.mesh}, {result['strategy']} "
+        f"({result['parallelism']} parallel): "
         f"{result['latency_s']:.3f} s per forward (median of {args.repeats}), "
         f"{result['bytes_per_device']:,} bytes/device", flush=True)
   cli.print_result(result, args.out)

@@ -51,13 +51,17 @@ def main(argv=None):
         target, exchange=dataclasses.replace(target.exchange, drop_rate=args.drop_rate))
     if args.class_token:
       target = dataclasses.replace(target, class_token=args.class_token)
+    sync = cli.sync_from_flags(args)
+    if sync is not None:
+      target = dataclasses.replace(target, sync=sync)
     cfg, model_cfg, model = task.restore_trained(args.workdir, target, args.step)
     split = data.load_image_dataset(cfg.dataset, args.data_dir, "test")
-    result = task.evaluate(model, cfg, model_cfg, split, args.mesh, args.batch_size)
+    result = task.evaluate(model, cfg, model_cfg, split, args.mesh, args.batch_size,
+                           tensor=sync is not None)
   except ValueError as e:
     cli.fail(str(e))
   print(f"accuracy {result['accuracy']:.4f} on {result['examples']} test images, "
-        f"{result['exchange']} exchange, mesh {args.mesh}, "
+        f"{result['strategy']} ({result['parallelism']} parallel), mesh {args.mesh}, "
         f"{result['bytes_per_device']:,} bytes/device per image")
   cli.print_result(dict(result, workdir=args.workdir), args.out)
 

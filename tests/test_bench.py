@@ -72,3 +72,21 @@ def test_bad_input_is_one_clear_line(argv, message, tmp_path, capsys):
 
 def test_bad_input_exits_2_without_traceback():
   assert_clean_errors([(("infer.bench", "--models", "vit-z"), "unknown model")])
+
+
+def test_tensor_parallel_strategies_in_the_bench(tmp_path):
+  bench.main(["--models", "gpt2-micro", "--mesh", "1", "4", "8", "--bandwidths", "10",
+              "--strategies", "tp", "spd:drop=all", "flash:bits=4,group_size=128",
+              "--profiles", "gtx1660ti", "--out", str(tmp_path)])
+  data = json.loads((tmp_path / "bench.json").read_text())
+  rows = {(r["mesh"], r["exchange"]): r for r in data["rows"]}
+  all_reduce = 256 * 128 * 4  # T x D float32
+  assert rows[4, "tp"]["bytes_per_device"] == 4 * 2 * all_reduce  # layers x 2 syncs
+  assert rows[4, "spd:drop=all"]["bytes_per_device"] == 4 * all_reduce
+  assert rows[4, "tp"]["parallelism"] == "tensor" and rows[4, "tp"]["collectives_per_layer"] == 2
+  flash = rows[4, "flash:bits=4,group_size=128"]
+  assert flash["bytes_per_device"] == 4 * 2 * 5 * (8192 // 2 + 4 * 8192 // 128)
+  assert (8, "tp") not in rows and (8, "exact") not in rows  # 4 heads do not split over 8
+  assert {s["mesh"] for s in data["skipped"]} == {8}
+  assert "4 heads do not split over 8" in (tmp_path / "bench.md").read_text() or \
+      "do not split over 8" in (tmp_path / "bench.md").read_text()

@@ -116,3 +116,35 @@ def test_results_command_reuses_exact_run(exact_run, corpus, tmp_path):
   text = md.read_text()
   assert "old" not in text and text.endswith("<!-- gpt2-results:end -->\ntail\n")
   assert "| ASTRA G=1, k-means only (no fine-tuning) | 1 | 8 |" in text
+
+
+def test_tensor_parallel_baselines_and_spd_drop_set(exact_run):
+  workdir, _ = exact_run
+  one = last_json(run("infer.gpt2", f"--workdir={workdir}", "--mesh=1", "--eval"))
+  tp = last_json(run("infer.gpt2", f"--workdir={workdir}", "--mesh=2", "--eval", "--tp=tp"))
+  assert tp["parallelism"] == "tensor" and tp["strategy"] == "tp"
+  assert tp["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
+  # 2 blocks x 2 all-reduces of 32 tokens x 32 floats
+  assert tp["bytes_per_device"] == tp["bytes_per_device_formula"] == 4 * 32 * 32 * 4
+  flash = last_json(run("infer.gpt2", f"--workdir={workdir}", "--mesh=2", "--eval",
+                        "--tp=flash:bits=8,group_size=32"))
+  assert flash["bytes_per_device"] == flash["bytes_per_device_formula"] < tp["bytes_per_device"]
+  assert flash["perplexity"] == pytest.approx(one["perplexity"], rel=0.05)
+  picked = last_json(run("infer.spd", f"--workdir={workdir}", "--mesh=2", "--budget=1",
+                         "--extreme=10", "--distill-steps=5", "--calib-batches=2"))
+  assert [b["block"] for b in picked["blocks"]] == [0, 1] and len(picked["drop"]) == 1
+  assert picked["tp"] == pytest.approx(one["perplexity"], rel=1e-5)
+  assert picked["sync_points"] == 3 and picked["bytes_per_device"] == 3 * 32 * 32 * 4
+  for fit in picked["distilled"].values():
+    assert fit["mse_after"] < fit["mse_before"]
+  assert_clean_errors([
+      (("infer.gpt2", f"--workdir={workdir}", "--mesh=4", "--eval", "--tp=tp"),
+       "2 heads do not split over 4"),
+      (("infer.gpt2", f"--workdir={workdir}", "--mesh=2", "--eval", "--tp=megatron"),
+       "unknown tensor-parallel sync"),
+      (("infer.gpt2", f"--workdir={workdir}", "--mesh=2", "--prompt=To", "--tp=tp"),
+       "drop one of the two"),
+      (("infer.gpt2", f"--workdir={workdir}", "--mesh=2", "--eval", "--tp=tp",
+        "--drop-rate=0.1"), "does not apply to --tp"),
+      (("infer.spd", f"--workdir={workdir}", "--mesh=2", "--budget=5"), "between 0 and"),
+  ])

@@ -197,3 +197,30 @@ def test_errors_name_the_fix():
     tp.from_spec("megatron")
   with pytest.raises(ValueError, match="block indices"):
     tp.from_spec("spd:drop=a+b")
+
+
+def test_spd_classes_and_budget_pick():
+  from astra_jax import spd
+  assert [spd.classify(c, 0.01, 0.1) for c in (0.0, 0.01, 0.05, 0.2)] == [
+      "insensitive", "insensitive", "sensitive", "extremely sensitive"]
+  sens = [spd.Sensitivity(b, 0.0, c, spd.classify(c, 0.01, 0.1))
+          for b, c in enumerate([0.5, 0.05, 0.002, 0.02, 0.0])]
+  assert spd.pick(sens, 2) == ((2, 4), ())  # insensitive first
+  assert spd.pick(sens, 3) == ((2, 3, 4), (3,))  # then the least sensitive, distilled
+  assert spd.pick(sens, 4) == ((1, 2, 3, 4), (1, 3))
+  with pytest.raises(ValueError, match="between 0 and 4"):
+    spd.pick(sens, 5)  # block 0 is extremely sensitive: never dropped
+
+
+def test_spd_block_io_and_distillation_reduce_the_block_error():
+  from astra_jax import spd
+  cfg = dataclasses.replace(GPT2, sync=tp.from_spec("spd:drop=1"))
+  teacher, student = _build(GPT2), _build(cfg)
+  tokens, positions = _inputs(GPT2)
+  x, y = spd.block_io(teacher, 1, (tokens, positions))
+  np.testing.assert_allclose(teacher.h[1](x), y, **TOL)
+  assert isinstance(spd.blocks(teacher)[1], gpt2.Block)  # the recorder is gone again
+  xs, ys = x[None], y[None]
+  _, fit = spd.distill(spd.blocks(student)[1], student.tensor_layout(), xs, ys, mesh_size=4,
+                       steps=20, lr=1e-3)
+  assert fit["mse_after"] < 0.5 * fit["mse_before"]

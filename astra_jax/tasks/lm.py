@@ -72,10 +72,10 @@ def restore_trained(run: str, target: ModelConfig | None = None, step: int | Non
   trained = model_config(cfg)
   target = target or trained
   if (type(target) is not type(trained)
-      or dataclasses.replace(target, exchange=trained.exchange) != trained):
+      or dataclasses.replace(target, exchange=trained.exchange, sync=trained.sync) != trained):
     raise ValueError(f"{run} holds {FAMILIES[family(cfg)][2]} {trained.variant} (vocab "
                      f"{trained.vocab_size}, context {trained.context}); the requested model "
-                     "differs in more than the exchange")
+                     "differs in more than the exchange or the tensor-parallel sync")
   tx = make_optimizer(cfg, 2)
   model = workdir.restore_model(
       run, lambda: build(trained), lambda: build(target),
@@ -89,33 +89,48 @@ def token_ids(text: str, tokenizer) -> np.ndarray:
 
 
 def evaluate(model: nnx.Module, cfg, model_cfg: ModelConfig, ids: np.ndarray,
-             mesh_size: int, batch_size: int, windows: int | None) -> dict:
-  """Validation perplexity at ``mesh_size`` devices and bytes per device (HLO)."""
-  mesh_lib.check_divisible(cfg.context, mesh_size, what="context")
-  forward, params, rest = apply.inference_forward(model, mesh_size, out_seq_dim=1)
-  positions = jnp.arange(cfg.context)
+             mesh_size: int, batch_size: int, windows: int | None,
+             tensor: bool = False) -> dict:
+  """Validation perplexity at ``mesh_size`` devices and bytes per device (HLO).
 
-  mesh = mesh_lib.seq_mesh_or_none(mesh_size)
+  ``tensor``: tensor-parallel over the devices with ``model_cfg.sync`` instead
+  of sequence-parallel with ``model_cfg.exchange``.
+  """
+  if not tensor:
+    mesh_lib.check_divisible(cfg.context, mesh_size, what="context")
+  fwd = apply.inference_forward(model, mesh_size, out_seq_dim=1, tensor=tensor)
+  positions = jnp.arange(cfg.context)
 
   @jax.jit
   def nll(params, rest, inputs, positions, targets):
-    logits, rest, _ = forward(params, rest, inputs, positions)
+    logits, rest, _ = fwd.fn(params, rest, inputs, positions)
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum(), rest
 
   total, count = 0.0, 0
+  rest = fwd.rest
   for inputs, targets in text_lib.eval_windows(ids, batch_size, cfg.context, windows):
-    inputs, pos, targets_ = mesh_lib.to_global((inputs, positions, targets), mesh, (1, 0, 1))
-    batch_nll, rest = nll(params, rest, inputs, pos, targets_)  # rest: fresh link losses
+    inputs, pos, targets_ = fwd.place((inputs, positions, targets), (1, 0, 1))
+    batch_nll, rest = nll(fwd.params, rest, inputs, pos, targets_)  # rest: fresh link losses
     total += float(mesh_lib.fetch(batch_nll))
     count += targets.size
   kv_dim, layers = exchanged_shape(model_cfg)
   one = jax.ShapeDtypeStruct((1, cfg.context), jnp.int32)
+  example = (fwd.fn, (fwd.params, rest, one, positions))
+  if tensor:
+    summary = traffic.tensor_summary(*example, model_cfg.sync, layers=layers,
+                                     values=cfg.context * model_width(model_cfg),
+                                     mesh_size=mesh_size)
+  else:
+    summary = traffic.exchange_summary(*example, model_cfg.exchange, width=kv_dim,
+                                       layers=layers, tokens=cfg.context, mesh_size=mesh_size)
   loss = total / count
   return {
-      "perplexity": math.exp(loss), "loss": loss, "tokens": count,
-      **traffic.exchange_summary(forward, (params, rest, one, positions), model_cfg.exchange,
-                                 width=kv_dim, layers=layers, tokens=cfg.context,
-                                 mesh_size=mesh_size),
+      "perplexity": math.exp(loss), "loss": loss, "tokens": count, **summary,
       "drop_rate": model_cfg.exchange.drop_rate,
       "family": family(cfg), "variant": model_cfg.variant, "context": cfg.context,
   }
+
+
+def model_width(model_cfg: ModelConfig) -> int:
+  """The residual stream's width (what a tensor-parallel all-reduce sums per token)."""
+  return model_cfg.sizes[0] if isinstance(model_cfg, gpt2.GPT2Config) else model_cfg.sizes.width

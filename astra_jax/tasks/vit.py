@@ -51,7 +51,7 @@ def restore_trained(run: str, target: vit.ViTConfig | None = None,
   trained = model_config(cfg)
   target = target or trained
   same_arch = dataclasses.replace(target, exchange=trained.exchange,
-                                  class_token=trained.class_token)
+                                  class_token=trained.class_token, sync=trained.sync)
   if same_arch != trained:
     raise ValueError(f"{run} holds a {trained.variant} model for {trained.image_size}px "
                      f"images; the requested model is {target.variant} at "
@@ -66,35 +66,45 @@ def restore_trained(run: str, target: vit.ViTConfig | None = None,
 
 
 def evaluate(model: nnx.Module, cfg, model_cfg: vit.ViTConfig, split: data.ImageSplit,
-             mesh_size: int, batch_size: int) -> dict:
-  """Test accuracy at ``mesh_size`` devices, and bytes per device per image from HLO."""
-  check_mesh(model_cfg, mesh_size)
-  forward, params, rest = apply.inference_forward(model, mesh_size)
+             mesh_size: int, batch_size: int, tensor: bool = False) -> dict:
+  """Test accuracy at ``mesh_size`` devices, and bytes per device per image from HLO.
+
+  ``tensor``: tensor-parallel over the devices with ``model_cfg.sync`` (one
+  class token, every device sees every patch) instead of sequence-parallel.
+  """
+  if not tensor:
+    check_mesh(model_cfg, mesh_size)
+  fwd = apply.inference_forward(model, mesh_size, tensor=tensor)
   positions = jnp.arange(model_cfg.num_patches)
-  mesh = mesh_lib.seq_mesh_or_none(mesh_size)
 
   @jax.jit
   def hits(params, rest, patches, positions, labels):
-    logits, rest, _ = forward(params, rest, patches, positions)
+    logits, rest, _ = fwd.fn(params, rest, patches, positions)
     return jnp.sum(jnp.argmax(logits, -1) == labels), rest
 
   correct = 0
+  rest = fwd.rest
   for images, labels in data.batches(split, batch_size, rng=None, drop_remainder=False):
-    patches, pos, labels = mesh_lib.to_global(
-        (np.asarray(prepare(images, cfg, model_cfg.patch)), positions, labels), mesh,
-        (1, 0, None))
-    batch_hits, rest = hits(params, rest, patches, pos, labels)  # rest: fresh link losses
+    patches, pos, labels = fwd.place(
+        (np.asarray(prepare(images, cfg, model_cfg.patch)), positions, labels), (1, 0, None))
+    batch_hits, rest = hits(fwd.params, rest, patches, pos, labels)  # rest: fresh link losses
     correct += int(mesh_lib.fetch(batch_hits))
   one = jax.ShapeDtypeStruct((1, model_cfg.num_patches,
                               model_cfg.patch ** 2 * model_cfg.channels), jnp.float32)
+  width, layers = model_cfg.sizes[:2]
+  example = (fwd.fn, (fwd.params, rest, one, positions))
+  if tensor:  # the patches and the one class token, every all-reduce
+    summary = traffic.tensor_summary(*example, model_cfg.sync, layers=layers,
+                                     values=(model_cfg.num_patches + 1) * width,
+                                     mesh_size=mesh_size)
+  else:  # K/V exchange of every layer + the float32 logits averaged over devices
+    summary = traffic.exchange_summary(*example, model_cfg.exchange, width=width,
+                                       layers=layers, tokens=model_cfg.num_patches,
+                                       mesh_size=mesh_size,
+                                       extra_formula_bytes=4 * model_cfg.num_classes)
   return {
       "accuracy": correct / len(split.labels),
-      "examples": int(len(split.labels)),
-      # K/V exchange of every layer + the float32 logits averaged over devices
-      **traffic.exchange_summary(forward, (params, rest, one, positions), model_cfg.exchange,
-                                 width=model_cfg.sizes[0], layers=model_cfg.sizes[1],
-                                 tokens=model_cfg.num_patches, mesh_size=mesh_size,
-                                 extra_formula_bytes=4 * model_cfg.num_classes),
+      "examples": int(len(split.labels)), **summary,
       "class_token": model_cfg.class_token,
       "drop_rate": model_cfg.exchange.drop_rate,
       "variant": model_cfg.variant,
