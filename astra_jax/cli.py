@@ -54,7 +54,7 @@ def train_args(argv, *, description: str, config: str, workdir: str, extra=None)
 
 def add_exchange_flags(parser: argparse.ArgumentParser) -> None:
   g = parser.add_argument_group("exchange (how K/V cross devices)")
-  g.add_argument("--exchange", default="exact", help="strategy name: exact | vq")
+  g.add_argument("--exchange", default="exact", help="strategy name: exact | vq | ring")
   g.add_argument("--groups", type=int, default=32, help="vq: groups G per K/V vector")
   g.add_argument("--codebook-size", type=int, default=1024, help="vq: entries K per codebook")
 

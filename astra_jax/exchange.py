@@ -33,6 +33,7 @@ from astra_jax import packing
 from astra_jax import quantizer as vq
 from astra_jax import ring
 from astra_jax.dot_product import dot_product_attention
+from astra_jax.specs import parse_spec
 
 
 class ExchangeOut(NamedTuple):
@@ -77,24 +78,8 @@ def make_exchange(name: str, **options) -> "Exchange":
 
 def from_spec(spec: str) -> "Exchange":
   """'vq:groups=32,codebook_size=1024' -> a strategy (ValueError naming the fix)."""
-  name, _, opts = spec.partition(":")
-  options = {}
-  for item in filter(None, opts.split(",")):
-    key, eq, value = item.partition("=")
-    if not eq:
-      raise ValueError(f"exchange spec {spec!r}: write options as key=value, "
-                       "e.g. vq:groups=32,codebook_size=1024")
-    options[key.strip()] = _spec_value(value.strip())
-  return make_exchange(name.strip(), **options)
-
-
-def _spec_value(text: str):
-  for cast in (int, float):
-    try:
-      return cast(text)
-    except ValueError:
-      pass
-  return {"true": True, "false": False}.get(text.lower(), text)
+  name, options = parse_spec(spec, example="vq:groups=32,codebook_size=1024")
+  return make_exchange(name, **options)
 
 
 def same_state(a: "Exchange", b: "Exchange") -> bool:
@@ -141,6 +126,12 @@ class Exchange:
 
   def bytes_per_token(self, kv_dim: int, dtype: Any) -> int:
     raise NotImplementedError
+
+  def sends(self, mesh_size: int) -> int:
+    """How many times a device hands its block to a collective per K (or V): 1 for
+    an all-gather; a ring forwards a block at each of its P - 1 steps."""
+    del mesh_size
+    return 1
 
   def attend(self, state, q, k, v, *, causal: bool, train: bool = False,
              key: jax.Array | None = None, axis_name: str | None = None,
@@ -228,6 +219,9 @@ class RingExchange(Exchange):
     del train, key
     k, v = ring.place(ring.circulate(k, v, axis_name))
     return ExchangeOut(k, v, state, jnp.zeros((), jnp.float32))
+
+  def sends(self, mesh_size):
+    return mesh_size - 1
 
   def attend(self, state, q, k, v, *, causal, train=False, key=None, axis_name=None,
              private=0, query_transform=None, key_transform=None):

@@ -39,6 +39,9 @@ adds its own work through ``SYNC_COSTS`` (flash: quantizing and dequantizing).
 Exchanges add their own work through ``EXCHANGE_COSTS`` (per device, P > 1):
 
   exact  nothing (the all_gather is communication only)
+  ring   the online softmax at each of the P - 1 received blocks: rescale the
+         float32 accumulator [n, D] and the running max/sum [n, H]:
+         (P-1) (2 n D + 5 n H) FLOPs, (P-1) 8 (n D + 2 n H) bytes
   vq     per tensor (K and V), for the ns = T/P tokens this device encodes into
          G groups of K_cb entries: distances 2 ns K_cb Dkv + 2 ns G K_cb (|e|^2
          add and argmin) + 2 K_cb Dkv (|e|^2); bytes: the codebook twice (K_cb Dkv s
@@ -153,6 +156,14 @@ def exchange_cost(exchange: Any, shape: LayerShape, mesh_size: int) -> Cost:
 def _exact_cost(exchange, shape, mesh_size) -> Cost:
   del exchange, shape, mesh_size
   return Cost()
+
+
+@register_exchange_cost("ring")
+def _ring_cost(exchange, shape, mesh_size) -> Cost:
+  del exchange
+  n, steps = shape.local_tokens(mesh_size) + shape.private, mesh_size - 1
+  d, h = shape.width, shape.heads
+  return Cost(steps * (2 * n * d + 5 * n * h), steps * 2 * 4 * (n * d + 2 * n * h))
 
 
 @register_exchange_cost("vq")

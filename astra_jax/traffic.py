@@ -178,10 +178,14 @@ def compiled_traffic(fn: Callable[..., Any], *args, **kwargs) -> TrafficReport:
 def sequence_parallel_bytes(exchange, *, layers: int, batch: int,
                             tokens_per_device: int, kv_dim: int, dtype: Any,
                             mesh_size: int) -> int:
-  """Analytic bytes one device contributes per forward: L * 2 (K and V) * B * Tl * bytes/token."""
+  """Analytic operand bytes of one device per forward: L * 2 (K and V) * B * Tl *
+  bytes/token, times the sends per block (P - 1 for a ring, whose every
+  ``ppermute`` step forwards one block; the bytes reaching a device are those
+  of the all-gather either way, see ``latency.wire_bytes``)."""
   if mesh_size == 1:
     return 0
-  return layers * 2 * batch * tokens_per_device * exchange.bytes_per_token(kv_dim, dtype)
+  return (layers * 2 * batch * tokens_per_device * exchange.bytes_per_token(kv_dim, dtype)
+          * exchange.sends(mesh_size))
 
 
 def exchange_summary(forward: Callable[..., Any], example_args: tuple, exchange, *,

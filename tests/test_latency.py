@@ -30,9 +30,26 @@ def test_vq_encode_cost_and_exact_adds_nothing():
   assert flops.layer_cost(SMALL, 2, ex.make_exchange("exact")) == base
   assert flops.layer_cost(SMALL, 1, vq) == flops.layer_cost(SMALL, 1)  # no encode alone
   with pytest.raises(ValueError, match="register_exchange_cost"):
-    flops.exchange_cost(type("X", (), {"name": "ring"})(), SMALL, 2)
+    flops.exchange_cost(type("X", (), {"name": "zigzag"})(), SMALL, 2)
   with pytest.raises(ValueError, match="divides 8"):
     flops.layer_cost(SMALL, 3)
+  # ring: the online softmax's rescaling at each of the P - 1 received blocks
+  n, d, h = 4, SMALL.width, SMALL.heads
+  assert flops.exchange_cost(ex.make_exchange("ring"), SMALL, 2) == flops.Cost(
+      2 * n * d + 5 * n * h, 8 * (n * d + 2 * n * h))
+
+
+def test_tensor_parallel_layer_cost_splits_heads_and_mlp():
+  from astra_jax import tensor_parallel as tp
+  one = flops.layer_cost(SMALL, 1)
+  two = flops.tensor_layer_cost(SMALL, 2, tp.make_sync("tp"))
+  # every matrix product and attention term halves; nothing else changes in FLOPs
+  assert two.flops == pytest.approx(one.flops / 2)
+  assert flops.tensor_layer_cost(SMALL, 1) == one
+  flash = flops.tensor_layer_cost(SMALL, 2, tp.make_sync("flash"))
+  assert flash.flops > two.flops and flash.bytes > two.bytes
+  with pytest.raises(ValueError, match="do not split over 3"):
+    flops.tensor_layer_cost(SMALL, 3)
 
 
 def test_roofline_takes_the_slower_of_compute_and_memory():
