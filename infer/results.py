@@ -11,7 +11,10 @@ K=1024, with and without noise augmentation, k-means only without
 fine-tuning, and per-task extras) and evaluates each (the train CLI ends with
 the same evaluation as the infer CLI: held-out split, bytes per device from
 the compiled program).  Then the G=32 run is evaluated with 1/5/10% of the
-non-local codes lost on the link (``--drop-rate``).  Writes
+non-local codes lost on the link (``--drop-rate``), and the exact run under
+the other systems at the same device count: ring attention, tensor
+parallelism, Flash Communication INT8/INT4, and SPD with the drop set
+``python -m infer.spd`` picks (zero-shot and after block-wise distillation).  Writes
 ``results/<task>_<data>.json`` and the table between the task's markers in
 RESULTS.md after every row.  Finished runs in ``--root`` are only re-evaluated
 (the train CLI resumes at their last step); ``--only NAME ...`` runs those rows
@@ -44,6 +47,14 @@ class Task:
   # simulated link loss: the G=32 run evaluated with these fractions of codes lost
   loss_rates: tuple = (0.01, 0.05, 0.1)
   default_steps: int = 200
+  # the other systems, evaluated on the exact run: (name, label, infer flags);
+  # "spd" rows come from python -m infer.spd (drop set picked, then distilled)
+  baselines: list = (
+      ("ring", "ring attention (exact SP over ppermute)", ["--exchange=ring"]),
+      ("tp", "tensor parallel (Megatron)", ["--tp=tp"]),
+      ("flash8", "Flash Communication INT8, group 128", ["--tp=flash:bits=8,group_size=128"]),
+      ("flash4", "Flash Communication INT4, group 128", ["--tp=flash:bits=4,group_size=128"]),
+  )
 
 
 VIT = Task(
@@ -121,7 +132,8 @@ def parse(argv):
     args.finetune_steps = TASKS[args.task].default_steps
   if args.only is not None:
     task = TASKS[args.task]
-    names = [v[0] for v in task.variants] + [loss_name(r) for r in task.loss_rates]
+    names = [v[0] for v in task.variants] + [loss_name(r) for r in task.loss_rates] + \
+        [b[0] for b in task.baselines] + list(SPD_ROWS)
     unknown = set(args.only) - set(names)
     if unknown:
       p.error(f"unknown variants {sorted(unknown)}; choose from {names}")
@@ -149,8 +161,9 @@ def table(task: Task, rows: list[dict]) -> str:
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     ratio = exact["bytes_per_device"] / r["bytes_per_device"] if r["bytes_per_device"] else None
-    cells = [r["label"], *[str(r[k]) for _, k in task.columns], str(r["groups"] or "-"),
-             str(r["bits_per_token"]), f"{r['bytes_per_device']:,}",
+    cells = [r["label"], *[str(r.get(k, "-")) for _, k in task.columns],
+             str(r.get("groups") or "-"), str(r.get("bits_per_token", "-")),
+             f"{r['bytes_per_device']:,}",
              f"{ratio:.1f}x" if ratio else "-", task.fmt(r[task.metric]),
              "-" if r["name"] == "exact" else task.change(r[task.metric], exact[task.metric])]
     lines.append("| " + " | ".join(cells) + " |")
@@ -198,13 +211,38 @@ def main(argv=None):
     result = _run(*task.infer, f"--workdir={g32}", mesh, f"--drop-rate={rate}", *data)
     rows.append(dict(result, name=name, label=f"ASTRA G=32, {rate:.0%} of codes lost"))
     write(args, task, rows, kept)
+  for name, label, flags in task.baselines:
+    if args.only is None or name in args.only:
+      rows.append(dict(_run(*evaluate, mesh, *flags), name=name, label=label))
+      write(args, task, rows, kept)
+  if args.only is None or set(args.only) & set(SPD_ROWS):
+    rows += spd_rows(task, _run("infer.spd", f"--workdir={exact_dir}", mesh, *data))
+    write(args, task, rows, kept)
   print(table(task, order(task, rows + kept)))
+
+
+SPD_ROWS = {"spd": "spd_without_distillation", "spd_distilled": "spd"}
+
+
+def spd_rows(task: Task, picked: dict) -> list[dict]:
+  """The two table rows of an ``infer.spd`` result: its drop set zero-shot and distilled."""
+  drop = "+".join(map(str, picked["drop"])) or "none"
+  distilled = ("block(s) " + "+".join(sorted(picked["distilled"])) + " distilled"
+               if picked["distilled"] else "none sensitive, nothing to distil")
+  common = {k: picked[k] for k in ("bytes_per_device", "mesh", "drop", "blocks", "budget")}
+  return [dict(common, name="spd", parallelism="tensor",
+               label=f"SPD, blocks {drop} dropped (picked by infer.spd)",
+               **{task.metric: picked["spd_without_distillation"]}),
+          dict(common, name="spd_distilled", parallelism="tensor",
+               label=f"SPD, blocks {drop} dropped, {distilled}",
+               **{task.metric: picked["spd"]})]
 
 
 def order(task: Task, rows: list[dict]) -> list[dict]:
   """Rows in the task's canonical order (single device, exact, variants, losses)."""
   names = ["single_device", "exact", *(v[0] for v in task.variants),
-           *(loss_name(r) for r in task.loss_rates)]
+           *(loss_name(r) for r in task.loss_rates), *(b[0] for b in task.baselines),
+           *SPD_ROWS]
   return sorted(rows, key=lambda r: names.index(r["name"]) if r["name"] in names else len(names))
 
 

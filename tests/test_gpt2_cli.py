@@ -96,7 +96,8 @@ def test_results_command_reuses_exact_run(exact_run, corpus, tmp_path):
   md.write_text("# Results\n\n<!-- gpt2-results:begin -->\nold\n<!-- gpt2-results:end -->\ntail\n")
   out = tmp_path / "r.json"
   command = ["infer.results", "gpt2", f"--root={tmp_path}/runs", "--mesh=2",
-             f"--exact-workdir={workdir}", "--only", "vq_g1_kmeans", f"--results={out}",
+             f"--exact-workdir={workdir}", "--only", "vq_g1_kmeans", "tp", "spd",
+             f"--results={out}",
              f"--markdown={md}", "--extra", f"--config.text={corpus}", "--config.steps=20",
              "--config.vq.codebook_size=16", *TINY]
   # a previous results file: its rows of other variants are kept, stale ones replaced
@@ -108,14 +109,19 @@ def test_results_command_reuses_exact_run(exact_run, corpus, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert "resuming from step 20" in result.stdout  # the exact run is reused, not retrained
   rows = json.loads(out.read_text())["rows"]
-  assert [r["name"] for r in rows] == ["single_device", "exact", "vq_g32", "vq_g1_kmeans"]
+  assert [r["name"] for r in rows] == ["single_device", "exact", "vq_g32", "vq_g1_kmeans",
+                                       "tp", "spd", "spd_distilled"]
   assert rows[2] == kept
+  assert rows[4]["perplexity"] == pytest.approx(rows[1]["perplexity"], rel=1e-5)  # tp exact
+  assert rows[5]["drop"] == rows[6]["drop"] and rows[5]["bytes_per_device"] < \
+      rows[4]["bytes_per_device"]
   assert rows[0]["perplexity"] == pytest.approx(rows[1]["perplexity"], rel=1e-5)
   assert rows[1]["perplexity"] == pytest.approx(trained["perplexity"], rel=1e-5)
   assert rows[3]["exchange"] == "vq" and rows[3]["bits_per_token"] == 8  # 4 bits -> 1 byte
   text = md.read_text()
   assert "old" not in text and text.endswith("<!-- gpt2-results:end -->\ntail\n")
   assert "| ASTRA G=1, k-means only (no fine-tuning) | 1 | 8 |" in text
+  assert "| tensor parallel (Megatron) | - | - | 16,384 | 0.5x |" in text
 
 
 def test_tensor_parallel_baselines_and_spd_drop_set(exact_run):
