@@ -4,11 +4,14 @@
   python -m infer.model_check             # only join existing results
 
 ``--measure`` runs, one after the other so they see the same machine: the
-testbed (2 ranks, one core each) for each exchange and link rate, the
+testbed (2 ranks, one core each) for each strategy and link rate (exact and
+ring sequence parallelism, ASTRA G=32 and G=1, tensor parallelism, SPD
+dropping every block's attention all-reduce, Flash Communication INT4), the
 single-device baseline on one core, and
 
   taskset -c 0 python -m infer.bench --models gpt2-mini --mesh 2 --bandwidths 10 100 \\
-      --exchanges exact vq:groups=32 vq:groups=1 --profiles measured --out results/bench_testbed
+      --strategies exact vq:groups=32 vq:groups=1 ring tp spd:drop=all \\
+      flash:bits=4,group_size=128 --profiles measured --out results/bench_testbed
 
 which models gpt2-mini (1024 tokens, 2 devices) with compute timed on one core
 (each testbed rank has one core); then it joins the bench rows with the
@@ -39,8 +42,16 @@ def parse(argv):
   return p.parse_args(argv)
 
 
-EXCHANGES = {"exact": ["--exchange", "exact"], "vq-g32": ["--exchange", "vq", "--groups", "32"],
-             "vq-g1": ["--exchange", "vq", "--groups", "1"]}
+# file suffix -> (bench strategy spec, prefill_time flags)
+STRATEGIES = {
+    "exact": ("exact", ["--exchange", "exact"]),
+    "vq-g32": ("vq:groups=32", ["--exchange", "vq", "--groups", "32"]),
+    "vq-g1": ("vq:groups=1", ["--exchange", "vq", "--groups", "1"]),
+    "ring": ("ring", ["--exchange", "ring"]),
+    "tp": ("tp", ["--tp", "tp"]),
+    "spd-all": ("spd:drop=all", ["--tp", "spd:drop=all"]),
+    "flash4": ("flash:bits=4,group_size=128", ["--tp", "flash:bits=4,group_size=128"]),
+}
 
 
 def measure(args) -> None:
@@ -58,17 +69,20 @@ def measure(args) -> None:
   base = os.path.join(args.testbed, "gpt2-mini_1024")
   run(["taskset", "-c", "0", *py, *probe, "--mesh", "1", "--out", f"{base}_single.json"])
   for rate in args.rates:
-    for name, flags in EXCHANGES.items():
+    for name, (_, flags) in STRATEGIES.items():
       run([*py, "infer.testbed", "--procs", "2", f"--rate={rate:g}", "--cores-per-proc", "1",
            "--out", f"{base}_rate{rate:g}_{name}.json", "--", *probe, "--mesh", "2", *flags])
   run(["taskset", "-c", "0", *py, "infer.bench", "--models", "gpt2-mini", "--mesh", "2",
-       "--bandwidths", *[f"{r:g}" for r in args.rates], "--exchanges", "exact",
-       "vq:groups=32", "vq:groups=1", "--profiles", "measured",
+       "--bandwidths", *[f"{r:g}" for r in args.rates], "--strategies",
+       *(spec for spec, _ in STRATEGIES.values()), "--profiles", "measured",
        "--out", os.path.dirname(args.bench)])
 
 
 def spec(run: dict) -> str:
-  return "exact" if run["exchange"] == "exact" else f"vq:groups={run['groups']}"
+  """The bench's strategy spec of a prefill_time result."""
+  if run.get("tp"):
+    return run["tp"]
+  return run["exchange"] if run["exchange"] != "vq" else f"vq:groups={run['groups']}"
 
 
 def join(bench_rows: list[dict], runs: list[dict]) -> list[dict]:
