@@ -175,6 +175,16 @@ def compiled_traffic(fn: Callable[..., Any], *args, **kwargs) -> TrafficReport:
   return hlo_traffic(jitted.lower(*args, **kwargs).compile().as_text())
 
 
+def received_bytes(report: TrafficReport, mesh_size: int, topology: str = "switched") -> int:
+  """Bytes reaching one device over its link (``latency.wire_bytes``, switched
+  full-duplex links by default): comparable across collective kinds, unlike the
+  operand bytes (an all-gather's operand is one block, a ring's P - 1 permutes
+  carry P - 1 blocks, an all-reduce's operand is the whole buffer)."""
+  from astra_jax import latency
+  return round(sum(latency.wire_bytes(c.kind, c.operand_bytes, mesh_size, topology)
+                   for c in report.collectives))
+
+
 def sequence_parallel_bytes(exchange, *, layers: int, batch: int,
                             tokens_per_device: int, kv_dim: int, dtype: Any,
                             mesh_size: int) -> int:
@@ -208,6 +218,7 @@ def exchange_summary(forward: Callable[..., Any], example_args: tuple, exchange,
       "codebook_size": getattr(exchange, "codebook_size", None),
       "bits_per_token": 8 * exchange.bytes_per_token(width, jnp.float32),
       "bytes_per_device": report.bytes_per_device,
+      "bytes_received_per_device": received_bytes(report, mesh_size),
       "bytes_per_device_formula": formula + (extra_formula_bytes if mesh_size > 1 else 0),
   }
 
@@ -233,6 +244,7 @@ def tensor_summary(forward: Callable[..., Any], example_args: tuple, sync, *,
       "sync": {"name": sync.name, **{f.name: getattr(sync, f.name)
                                      for f in dataclasses.fields(sync)}},
       "bytes_per_device": report.bytes_per_device,
+      "bytes_received_per_device": received_bytes(report, mesh_size),
       "bytes_per_device_formula": tensor_parallel_bytes(sync, layers=layers, values=values,
                                                         mesh_size=mesh_size),
       "collectives": report.by_kind(),

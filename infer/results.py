@@ -157,17 +157,30 @@ def table(task: Task, rows: list[dict]) -> str:
   exact = next(r for r in rows if r["name"] == "exact")
   extra = [h for h, _ in task.columns]
   head = ["setting", *extra, "G", "bits/token (K or V)", "bytes/device/example",
-          "less traffic than exact", task.metric_label, "change"]
+          "less traffic than exact", "received/device/example", task.metric_label, "change"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     ratio = exact["bytes_per_device"] / r["bytes_per_device"] if r["bytes_per_device"] else None
     cells = [r["label"], *[str(r.get(k, "-")) for _, k in task.columns],
              str(r.get("groups") or "-"), str(r.get("bits_per_token", "-")),
              f"{r['bytes_per_device']:,}",
-             f"{ratio:.1f}x" if ratio else "-", task.fmt(r[task.metric]),
+             f"{ratio:.1f}x" if ratio else "-", _received(r), task.fmt(r[task.metric]),
              "-" if r["name"] == "exact" else task.change(r[task.metric], exact[task.metric])]
     lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+  return "\n".join(lines + ["", NOTE])
+
+
+NOTE = ("bytes/device/example: operand bytes a device hands to collectives per example "
+        "(compiled HLO); its ratio to exact compares the all-gather exchanges like for like. "
+        "received/device/example: bytes reaching a device over switched full-duplex links "
+        "(all-gather (P-1)x its operand, ring P-1 permutes of one block, all-reduce 2(P-1)/P "
+        "x the buffer): the column to compare tensor parallelism and ring with sequence "
+        "parallelism; '-' for rows evaluated before it was recorded.")
+
+
+def _received(row: dict) -> str:
+  value = row.get("bytes_received_per_device")
+  return "-" if value is None else f"{value:,}"
 
 
 def loss_name(rate: float) -> str:
@@ -229,7 +242,8 @@ def spd_rows(task: Task, picked: dict) -> list[dict]:
   drop = "+".join(map(str, picked["drop"])) or "none"
   distilled = ("block(s) " + "+".join(sorted(picked["distilled"])) + " distilled"
                if picked["distilled"] else "none sensitive, nothing to distil")
-  common = {k: picked[k] for k in ("bytes_per_device", "mesh", "drop", "blocks", "budget")}
+  common = {k: picked[k] for k in ("bytes_per_device", "bytes_received_per_device", "mesh",
+                                   "drop", "blocks", "budget")}
   return [dict(common, name="spd", parallelism="tensor",
                label=f"SPD, blocks {drop} dropped (picked by infer.spd)",
                **{task.metric: picked["spd_without_distillation"]}),

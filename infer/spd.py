@@ -164,6 +164,7 @@ def run(args) -> dict:
       "budget": budget, "drop": list(drop), "distilled": {str(k): v for k, v in distilled.items()},
       "spd": final[task.metric], "spd_without_distillation": dropped[task.metric],
       "sync_points": 2 * layers - len(drop), "bytes_per_device": final["bytes_per_device"],
+      "bytes_received_per_device": final["bytes_received_per_device"],
       "spec": tp.make_sync("spd", drop=drop).spec() if drop else "tp",
   }
 

@@ -121,7 +121,9 @@ def test_results_command_reuses_exact_run(exact_run, corpus, tmp_path):
   text = md.read_text()
   assert "old" not in text and text.endswith("<!-- gpt2-results:end -->\ntail\n")
   assert "| ASTRA G=1, k-means only (no fine-tuning) | 1 | 8 |" in text
-  assert "| tensor parallel (Megatron) | - | - | 16,384 | 0.5x |" in text
+  # P=2: the all-reduces' 2 (P-1)/P = 1x their buffer reach a device, the all-gather 1x
+  assert "| tensor parallel (Megatron) | - | - | 16,384 | 0.5x | 16,384 |" in text
+  assert rows[1]["bytes_received_per_device"] == rows[1]["bytes_per_device"] == 8192
 
 
 def test_tensor_parallel_baselines_and_spd_drop_set(exact_run):

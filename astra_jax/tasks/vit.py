@@ -105,7 +105,8 @@ def evaluate(model: nnx.Module, cfg, model_cfg: vit.ViTConfig, split: data.Image
   return {
       "accuracy": correct / len(split.labels),
       "examples": int(len(split.labels)), **summary,
-      "class_token": model_cfg.class_token,
+      # tensor parallelism runs the plain model: one class token seeing every patch
+      "class_token": "one (all patches)" if tensor else model_cfg.class_token,
       "drop_rate": model_cfg.exchange.drop_rate,
       "variant": model_cfg.variant,
   }
