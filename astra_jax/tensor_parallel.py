@@ -43,7 +43,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from typing import Any, Callable, ClassVar, NamedTuple, Sequence
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -388,7 +388,7 @@ def shard_params(params: Any, layout: dict[str, Split], mesh_size: int):
     split, leaf, name = _leaf_split(layout, path)
     if split is None:
       return x, PartitionSpec()
-    if split.kind == "rows" and leaf == "bias":  # added once after the all-reduce:, added once after the all-reduce
+    if split.kind == "rows" and leaf == "bias":  # added once, after the all-reduce
       return jnp.broadcast_to(x / mesh_size, (mesh_size, *x.shape)), PartitionSpec(TP_AXIS)
     dim = x.ndim - 1 if split.kind == "columns" else 0
     size = x.shape[dim] // split.parts
@@ -429,6 +429,16 @@ def local_params(params: Any, layout: dict[str, Split]) -> Any:
   return jax.tree_util.tree_map_with_path(one, params)
 
 
+def _check_unsplit(rest: Any, layout: dict[str, Split]) -> None:
+  """Weights outside ``nnx.Param`` (int8 kernels and scales) are not laid out
+  for tensor parallelism; refuse them instead of failing on shapes in XLA."""
+  for path, _ in jax.tree_util.tree_flatten_with_path(rest)[0]:
+    split, _, name = _leaf_split(layout, path)
+    if split is not None:
+      raise ValueError(f"{name} is not a float parameter (int8 weight-only?); tensor "
+                       "parallelism splits float weights: run --tp on a float model")
+
+
 def make_tp_mesh(num_devices: int) -> Mesh:
   from astra_jax.mesh import make_seq_mesh
   return make_seq_mesh(num_devices, axis=TP_AXIS)
@@ -455,6 +465,7 @@ def tensor_apply(graphdef, mesh: Mesh | None, layout: dict[str, Split], *, input
   def run(params, rest, *args):
     if len(args) != inputs:
       raise ValueError(f"expected {inputs} inputs, got {len(args)}")
+    _check_unsplit(rest, layout)
     tp_params, specs = shard_params(params, layout, size)
     mapped = jax.shard_map(body, mesh=mesh,
                            in_specs=(specs, PartitionSpec(), *[PartitionSpec()] * inputs),

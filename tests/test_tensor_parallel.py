@@ -224,3 +224,10 @@ def test_spd_block_io_and_distillation_reduce_the_block_error():
   _, fit = spd.distill(spd.blocks(student)[1], student.tensor_layout(), xs, ys, mesh_size=4,
                        steps=20, lr=1e-3)
   assert fit["mse_after"] < 0.5 * fit["mse_before"]
+
+
+def test_int8_weights_are_refused_with_the_fix():
+  model = _build(dataclasses.replace(LLAMA, quantize_int8=True))
+  fn, params, rest = _forward(model, 2)
+  with pytest.raises(ValueError, match="run --tp on a float model"):
+    fn(params, rest, *_inputs(LLAMA))
