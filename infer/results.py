@@ -196,6 +196,8 @@ def main(argv=None):
   _run(task.train, mesh, f"--workdir={exact_dir}", *data, *args.extra)
   # with --only, rows of the other variants are kept from the previous results file
   fresh = {"single_device", "exact", *(args.only or ())}  # evaluated again below
+  if fresh & set(SPD_ROWS):  # one infer.spd run makes both SPD rows
+    fresh |= set(SPD_ROWS)
   kept = [] if args.only is None or not os.path.exists(args.results) else [
       r for r in json.load(open(args.results))["rows"] if r["name"] not in fresh]
   rows = []

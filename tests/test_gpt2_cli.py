@@ -103,7 +103,8 @@ def test_results_command_reuses_exact_run(exact_run, corpus, tmp_path):
   # a previous results file: its rows of other variants are kept, stale ones replaced
   kept = dict(name="vq_g32", label="ASTRA G=32", groups=32, bits_per_token=320,
               bytes_per_device=1234, perplexity=99.0)
-  stale = [dict(kept, name=n, perplexity=1e9) for n in ("single_device", "exact", "vq_g1_kmeans")]
+  stale = [dict(kept, name=n, perplexity=1e9)
+           for n in ("single_device", "exact", "vq_g1_kmeans", "spd", "spd_distilled")]
   out.write_text(json.dumps({"rows": [*stale, kept]}))
   result = run(*command)
   assert result.returncode == 0, result.stderr[-3000:]
