@@ -89,6 +89,10 @@ def parse_strategy(spec: str):
   from astra_jax import exchange, tensor_parallel
   if tensor_parallel.is_spec(spec):
     return tensor_parallel.from_spec(spec)
+  if spec.partition(":")[0].strip() not in exchange.available():
+    raise ValueError(f"unknown strategy {spec!r}: choose a K/V exchange "
+                     f"{exchange.available()} or a tensor-parallel sync "
+                     f"{tensor_parallel.available()}")
   return exchange.from_spec(spec)
 
 

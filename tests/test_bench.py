@@ -59,7 +59,7 @@ def test_measured_compute_and_paper_comparison(tmp_path, capsys):
     (["--tiny", "--topology", "ring"], "unknown topology"),
     (["--tiny", "--trace", "0-10"], "SECONDS:MBITS"),
     (["--tiny", "--mesh", "3"], "not divisible by the mesh size 3"),
-    (["--tiny", "--exchanges", "ring"], "unknown exchange"),
+    (["--tiny", "--exchanges", "zigzag"], "unknown strategy 'zigzag': choose a K/V exchange"),
     (["--tiny", "--exchanges", "vq:grups=32"], "has no option"),
     (["--tiny", "--exchanges", "vq:groups=7"], "does not fit vit-mu7"),
 ])
