@@ -81,7 +81,8 @@ case "$mode" in
     exec .venv/bin/python -m train.vit --mesh=4 "$@" ;;
   test)
     hf_reference_venv
-    exec .venv/bin/python -m pytest -q "$@" ;;
+    # two workers (compile time dominates; one per core), slowest tests printed
+    exec .venv/bin/python -m pytest -q -n 2 --durations=15 "$@" ;;
   test-slow)
     exec .venv/bin/python -m pytest -q -m slow "$@" ;;
   *)

@@ -19,7 +19,7 @@ from configs import common
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.family = "gpt2"  # the model family (astra_jax.tasks.lm): gpt2 | llama
+  c.family = "gpt2"  # the model family (astra_jax.run.tasks.lm): gpt2 | llama
   c.text = None  # None: bundled Shakespeare; else a UTF-8 file or folder
   c.tokenizer = "byte"  # or a folder with tokenizer.json / vocab.json + merges.txt
   c.vocab_size = 256  # set from the tokenizer by train.gpt2

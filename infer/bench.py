@@ -6,13 +6,13 @@
       --exchanges exact vq:groups=32 --profiles gtx1660ti
 
 Bytes per device come from the compiled program of each (model, P, exchange)
-(``astra_jax.workloads.traffic``, cached); compute from a device profile's
-roofline (``astra_jax.devices``) or, for profile ``measured`` (``--measure``
-adds it for the tiny models), timed on this host; ``astra_jax.latency``
+(``astra_jax.netsim.workloads.traffic``, cached); compute from a device profile's
+roofline (``astra_jax.netsim.devices``) or, for profile ``measured`` (``--measure``
+adds it for the tiny models), timed on this host; ``astra_jax.netsim.latency``
 combines them.  Strategies are spec strings: a K/V exchange of sequence
-parallelism (``astra_jax.exchange.available()``: ``exact``, ``ring``,
+parallelism (``astra_jax.core.exchange.available()``: ``exact``, ``ring``,
 ``vq:groups=32``, ``vq:groups=1,codebook_size=256``) or a tensor-parallel sync
-(``astra_jax.tensor_parallel.available()``: ``tp``, ``spd:drop=all``,
+(``astra_jax.core.sync.available()``: ``tp``, ``spd:drop=all``,
 ``flash:bits=4,group_size=128``).  Writes bench.json (every row), bench.md
 (tables and the comparison with the ASTRA paper) and PNG plots to --out; the
 last stdout line is one JSON object.
@@ -25,7 +25,7 @@ import dataclasses
 import os
 import sys
 
-from astra_jax import cli
+from astra_jax.run import cli
 
 FULL = dict(models=["vit-b16", "gpt2-small", "gpt2-medium", "vit-mu7", "gpt2-micro"],
             mesh=[1, 2, 4, 8], bandwidths=[10, 20, 50, 100, 500, 1000],
@@ -51,7 +51,7 @@ def parse(argv):
                  help="K/V exchange specs (sequence parallel: exact, ring, vq:groups=32) and "
                  "tensor-parallel syncs (tp, spd:drop=all, flash:bits=4,group_size=128), "
                  f"default {FULL['exchanges']}")
-  p.add_argument("--profiles", nargs="+", help=f"device profiles (see astra_jax.devices, "
+  p.add_argument("--profiles", nargs="+", help=f"device profiles (see astra_jax.netsim.devices, "
                  f"'host', '{MEASURED}'), default {FULL['profiles']}")
   p.add_argument("--measure", action="store_true",
                  help=f"add profile '{MEASURED}' (timed on this host) for the tiny models")
@@ -74,7 +74,7 @@ def parse(argv):
 
 def validate(args) -> None:
   """Checks that need no JAX; ValueError naming the fix."""
-  from astra_jax import devices, latency, workloads
+  from astra_jax.netsim import devices, latency, workloads
   for name in args.models:
     workloads.get(name)
   for name in args.profiles:
@@ -126,7 +126,9 @@ def _command(argv) -> str:
 def run(args):
   """Every row of the matrix, and the paper-comparison numbers (or None)."""
   import tqdm
-  from astra_jax import devices, exchange, latency, mesh as mesh_lib, workloads
+  from astra_jax.netsim import devices, latency, workloads
+  from astra_jax.core import exchange
+  from astra_jax.parallel import mesh as mesh_lib
 
   models = [workloads.get(m) for m in args.models]
   exchanges = {spec: workloads.parse_strategy(spec) for spec in args.exchanges}

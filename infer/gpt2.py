@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from astra_jax import cli
+from astra_jax.run import cli
 
 
 def parse(argv, description=None):
@@ -47,9 +47,9 @@ def main(argv=None, *, description: str | None = None):
   cli.setup_devices(args)
   import dataclasses
   import jax
-  from astra_jax import generate, workdir
+  from astra_jax.run import generate, workdir
   from astra_jax.data import text as text_lib
-  from astra_jax.tasks import lm
+  from astra_jax.run.tasks import lm
 
   result = {}
   try:

@@ -6,12 +6,12 @@
 Times one Transformer block (random weights, batch 1) for the whole prompt on
 one device, and for one device's share on a mesh of ``--mesh`` fake CPU
 devices with each exchange (the devices share this host's cores; the time is
-divided by P).  The latency model (``astra_jax.latency``) then scales the
+divided by P).  The latency model (``astra_jax.netsim.latency``) then scales the
 layer to the model's layer count and adds the exchange's bytes per layer,
 read from the compiled program of a 1- and 2-layer slice of the real model
 (``workloads.traffic``), at each bandwidth.  Two compute sources are
 reported: this host (measured) and the GTX 1660 Ti profile (roofline of the
-analytic FLOPs, ``astra_jax.flops``), beside ASTRA's Table 7 (Llama-3-8B,
+analytic FLOPs, ``astra_jax.netsim.flops``), beside ASTRA's Table 7 (Llama-3-8B,
 4 devices, GTX 1660 Ti).  Also reports this process's peak memory.
 Writes ``--out`` .json and .md.
 """
@@ -23,7 +23,7 @@ import json
 import os
 import sys
 
-from astra_jax import cli
+from astra_jax.run import cli
 
 # ASTRA Table 7: Llama-3-8B prefill, 4 devices; single device and G=1 by bandwidth
 PAPER = {"single_device_s": 4.578,
@@ -32,7 +32,7 @@ PAPER = {"single_device_s": 4.578,
 
 def parse(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--model", default="llama3-8b", help="a workload of astra_jax.workloads")
+  p.add_argument("--model", default="llama3-8b", help="a workload of astra_jax.netsim.workloads")
   p.add_argument("--mesh", type=int, default=4)
   p.add_argument("--exchanges", nargs="+", default=["vq:groups=1", "vq:groups=32", "exact"])
   p.add_argument("--bandwidths", nargs="+", type=float, default=[10, 20, 50, 100, 500])
@@ -47,7 +47,8 @@ def parse(argv):
 def main(argv=None):
   args = parse(sys.argv[1:] if argv is None else argv)
   cli.ensure_cpu_devices(args.mesh)
-  from astra_jax import devices, exchange, latency, workloads
+  from astra_jax.netsim import devices, latency, workloads
+  from astra_jax.core import exchange
 
   try:
     w = workloads.get(args.model)

@@ -28,7 +28,7 @@ import json
 import os
 import sys
 
-from astra_jax import cli
+from astra_jax.run import cli
 
 
 def parse(argv):

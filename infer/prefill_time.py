@@ -8,7 +8,7 @@
 Builds the model at random initialisation (``gpt2:<variant>`` with a 256-token
 vocabulary and ``--tokens`` positions, or ``vit:<variant>/<patch>`` over
 ``--tokens`` patches, a square number), compiles the evaluation forward of
-``astra_jax.apply.inference_forward`` for ``--mesh`` devices, runs it
+``astra_jax.parallel.forward.inference_forward`` for ``--mesh`` devices, runs it
 ``--warmup`` times, then times ``--repeats`` forwards end to end
 (``jax.block_until_ready``), every process starting each one after a barrier.
 A repeat's latency is the slowest process's time.  VQ codebooks are random
@@ -31,7 +31,8 @@ import statistics
 import sys
 import time
 
-from astra_jax import cli, distributed
+from astra_jax.run import cli
+from astra_jax.parallel import distributed
 
 
 def parse(argv):
@@ -112,13 +113,14 @@ def slowest(times: list[float]) -> list[float]:
 
 def measure(args) -> dict:
   import jax
-  from astra_jax import apply, mesh as mesh_lib, traffic
+  from astra_jax.parallel import apply, forward, mesh as mesh_lib
+  from astra_jax.netsim import traffic
   exchange = cli.exchange_from_flags(args)
   sync = cli.sync_from_flags(args)
   if sync is None:
     mesh_lib.check_divisible(args.tokens, args.mesh, what="token")
   model, inputs, out_seq_dim, (width, layers) = build(args, exchange, sync)
-  fwd = apply.inference_forward(model, args.mesh, out_seq_dim=out_seq_dim,
+  fwd = forward.inference_forward(model, args.mesh, out_seq_dim=out_seq_dim,
                                 tensor=sync is not None)
   params, rest = fwd.params, fwd.rest
   inputs = fwd.place(inputs, (1, 0))

@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 
-from astra_jax import cli
+from astra_jax.run import cli
 
 
 def parse(argv):

@@ -10,7 +10,7 @@ block's sensitivity), sorts the blocks into SPD's three classes
 or accuracy points lost as a fraction), picks ``--budget`` blocks to drop
 (insensitive first, never an extremely sensitive one), evaluates that drop
 set, distils its sensitive blocks block-wise on training data
-(``astra_jax.spd``) and evaluates again.  The last line is one JSON object;
+(``astra_jax.parallel.spd``) and evaluates again.  The last line is one JSON object;
 ``--out`` also writes it.  The distilled weights are not saved.
 """
 
@@ -20,7 +20,7 @@ import argparse
 import dataclasses
 import sys
 
-from astra_jax import cli
+from astra_jax.run import cli
 
 
 def parse(argv):
@@ -66,9 +66,9 @@ class Task:
 def _vit_task(args) -> Task:
   import numpy as np
   import jax.numpy as jnp
-  from astra_jax import workdir
+  from astra_jax.run import workdir
   from astra_jax.data import images as data
-  from astra_jax.tasks import vit as task
+  from astra_jax.run.tasks import vit as task
   cfg = workdir.load_config(args.workdir)
   base = task.model_config(cfg)
   test = data.load_image_dataset(cfg.dataset, args.data_dir, "test")
@@ -94,9 +94,9 @@ def _vit_task(args) -> Task:
 def _lm_task(args) -> Task:
   import numpy as np
   import jax.numpy as jnp
-  from astra_jax import workdir
+  from astra_jax.run import workdir
   from astra_jax.data import text as text_lib
-  from astra_jax.tasks import lm
+  from astra_jax.run.tasks import lm
   cfg = workdir.load_config(args.workdir)
   base = lm.model_config(cfg)
   tokenizer = text_lib.load_tokenizer(cfg.tokenizer)
@@ -120,7 +120,9 @@ def _lm_task(args) -> Task:
 def run(args) -> dict:
   import jax.numpy as jnp
   from flax import nnx
-  from astra_jax import spd, tensor_parallel as tp, workdir
+  from astra_jax.parallel import spd
+  from astra_jax.core import sync as tp
+  from astra_jax.run import workdir
   cfg = workdir.load_config(args.workdir)
   task = _vit_task(args) if "dataset" in cfg else _lm_task(args)
   insensitive = task.thresholds[0] if args.insensitive is None else args.insensitive

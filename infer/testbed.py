@@ -5,7 +5,7 @@
   sudo python -m infer.testbed --procs 2 --rate 10          # only measure the link
   sudo python -m infer.testbed --cleanup                    # remove crashed runs' leftovers
 
-Sets up ``astra_jax.netns.Testbed``: one namespace per process on a bridge,
+Sets up ``astra_jax.netsim.netns.Testbed``: one namespace per process on a bridge,
 every link shaped with tbf to ``--rate`` Mbit/s in both directions (netem is
 not available on this kernel, so no delay or loss is added).  Then:
 
@@ -37,7 +37,7 @@ import signal
 import subprocess
 import sys
 
-from astra_jax import cli
+from astra_jax.run import cli
 
 COORDINATOR_PORT = 29500
 PROBE_PORT = 29600
@@ -145,7 +145,7 @@ def run_launcher(cmd: list[str], grace: float) -> tuple[int, str]:
 
 
 def run(args) -> int:
-  from astra_jax import netns, throughput
+  from astra_jax.netsim import netns, throughput
   netns.check_root()
   netns.check_tools()
   cores = core_sets(args.procs, args.cores_per_proc)
@@ -196,7 +196,7 @@ def run(args) -> int:
 
 def main(argv=None):
   args = parse(sys.argv[1:] if argv is None else argv)
-  from astra_jax import netns
+  from astra_jax.netsim import netns
   try:
     if args.cleanup:
       netns.check_root()

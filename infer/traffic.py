@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from astra_jax import cli
+from astra_jax.core import axes
+from astra_jax.run import cli
 
 
 def parse(argv):
@@ -37,7 +38,9 @@ def attention_stack_traffic(exchange, *, mesh_size, layers, batch, seq_len, dim,
   """Compiles the attention stack and returns (measured report, analytic bytes)."""
   import jax
   import jax.numpy as jnp
-  from astra_jax import attention, mesh as mesh_lib, traffic
+  from astra_jax.core import attention
+  from astra_jax.parallel import mesh as mesh_lib
+  from astra_jax.netsim import traffic
 
   if dim % heads:
     raise ValueError(f"--dim {dim} is not divisible by --heads {heads}")
@@ -48,7 +51,7 @@ def attention_stack_traffic(exchange, *, mesh_size, layers, batch, seq_len, dim,
   def body(states, x):
     for state in states:  # distinct K and V so XLA cannot merge their exchanges
       x, _ = attention.attend(exchange, state, x, jnp.sin(x), jnp.cos(x), causal=False,
-                              axis_name=mesh_lib.current_seq_axis())
+                              axis_name=axes.current_seq_axis())
     return x
 
   fn = jax.jit(mesh_lib.sequence_parallel(body, mesh, in_seq_dims=(None, 1),
@@ -64,7 +67,7 @@ def attention_stack_traffic(exchange, *, mesh_size, layers, batch, seq_len, dim,
 def main(argv=None):
   args = parse(sys.argv[1:] if argv is None else argv)
   cli.ensure_cpu_devices(args.mesh)
-  from astra_jax import exchange as exchange_lib
+  from astra_jax.core import exchange as exchange_lib
   try:
     exchange = cli.exchange_from_flags(args)
     kw = dict(mesh_size=args.mesh, layers=args.layers, batch=args.batch,

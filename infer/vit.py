@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from astra_jax import cli
+from astra_jax.run import cli
 
 
 def parse(argv):
@@ -35,9 +35,9 @@ def main(argv=None):
   args = parse(sys.argv[1:] if argv is None else argv)
   cli.setup_devices(args)
   import dataclasses
-  from astra_jax import workdir
+  from astra_jax.run import workdir
   from astra_jax.data import images as data
-  from astra_jax.tasks import vit as task
+  from astra_jax.run.tasks import vit as task
 
   try:
     cfg = workdir.load_config(args.workdir)

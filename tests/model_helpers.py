@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from astra_jax import apply, mesh as mesh_lib
+from astra_jax.parallel import apply, mesh as mesh_lib
 
 
 def sequence_logits(model, tokens, mesh_size):

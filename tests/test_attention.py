@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from astra_jax import attention, exchange as ex, mesh as mesh_lib, quantizer as vq
+from astra_jax.core import axes
+from astra_jax.core import attention, exchange as ex, quantizer as vq
+from astra_jax.parallel import mesh as mesh_lib
 
 B, T, H, HKV, DH = 2, 16, 4, 2, 8
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -38,7 +40,7 @@ def sharded(exchange, state, mesh_size, causal, train=False, key=None):
 
   def body(state, q, k, v):
     out, _ = attention.attend(exchange, state, q, k, v, causal=causal, train=train,
-                              key=key, axis_name=mesh_lib.current_seq_axis())
+                              key=key, axis_name=axes.current_seq_axis())
     return out
 
   return jax.jit(mesh_lib.sequence_parallel(body, mesh, in_seq_dims=(None, 1, 1, 1),
@@ -200,7 +202,7 @@ def test_training_keeps_codebooks_identical_and_matches_single_device_ema():
 
   def body(state, q, k, v):
     _, out = attention.attend(exch, state, q, k, v, causal=True, train=True,
-                              key=jax.random.PRNGKey(3), axis_name=mesh_lib.current_seq_axis())
+                              key=jax.random.PRNGKey(3), axis_name=axes.current_seq_axis())
     return out.state, out.loss
 
   # out_specs P() for the state: shard_map's replication check proves every
@@ -256,7 +258,7 @@ def test_lost_tokens_are_masked_out_as_the_reference_says(causal):
   mesh = mesh_lib.make_seq_mesh(p)
   masks = jax.jit(mesh_lib.sequence_parallel(
       lambda x: attention.received_tokens(drop_key, rate, B, T, T // p,
-                                          mesh_lib.current_seq_axis())[None],
+                                          axes.current_seq_axis())[None],
       mesh, in_seq_dims=(1,), out_seq_dims=0))(q)  # [P, B, T]
   tl, pos = T // p, jnp.arange(T)
   for d in range(p):

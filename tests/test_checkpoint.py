@@ -12,8 +12,8 @@ import optax
 import pytest
 from flax import nnx
 
-from astra_jax import checkpoint as ckpt_lib
-from astra_jax.checkpoint import CheckpointError, Checkpointer, restore_state
+from astra_jax.io import checkpoint as ckpt_lib
+from astra_jax.io.checkpoint import CheckpointError, Checkpointer, restore_state
 
 
 class Pair(NamedTuple):

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from astra_jax import apply, exchange as ex, generate, mesh as mesh_lib
+from astra_jax.parallel import apply, mesh as mesh_lib
+from astra_jax.core import exchange as ex
+from astra_jax.run import generate
 from astra_jax.models import gpt2
 from model_helpers import sequence_logits
 

@@ -23,7 +23,10 @@ pytest.importorskip("safetensors", reason="these tests write checkpoints with sa
 from safetensors.numpy import save_file  # noqa: E402
 
 import hf_helpers  # noqa: E402
-from astra_jax import apply, exchange as ex, generate, hf, mesh as mesh_lib  # noqa: E402
+from astra_jax.parallel import apply, mesh as mesh_lib
+from astra_jax.core import exchange as ex
+from astra_jax.run import generate
+from astra_jax.io import hf  # noqa: E402
 from astra_jax.models import llama  # noqa: E402
 
 

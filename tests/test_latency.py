@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from astra_jax import apply, devices, exchange as ex, flops, latency, traffic, workloads
+from astra_jax.parallel import apply
+from astra_jax.netsim import devices, flops, latency, traffic, workloads
+from astra_jax.core import exchange as ex
 
 SMALL = flops.LayerShape(tokens=8, width=4, heads=2, mlp=8)
 
@@ -40,7 +42,7 @@ def test_vq_encode_cost_and_exact_adds_nothing():
 
 
 def test_tensor_parallel_layer_cost_splits_heads_and_mlp():
-  from astra_jax import tensor_parallel as tp
+  from astra_jax.core import sync as tp
   one = flops.layer_cost(SMALL, 1)
   two = flops.tensor_layer_cost(SMALL, 2, tp.make_sync("tp"))
   # every matrix product and attention term halves; nothing else changes in FLOPs

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from astra_jax import apply, exchange as ex, generate, mesh as mesh_lib, quantizer
-from astra_jax.attention import SequenceAttention, attention_layers
+from astra_jax.parallel import apply, mesh as mesh_lib
+from astra_jax.core import exchange as ex, quantizer
+from astra_jax.run import generate
+from astra_jax.core.attention import SequenceAttention, attention_layers
 from astra_jax.models import llama
 from model_helpers import sequence_logits
 

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from astra_jax import config
+from astra_jax.run import config
 from astra_jax.models import gpt2, llama
-from astra_jax.tasks import lm
+from astra_jax.run.tasks import lm
 from cli_helpers import assert_clean_errors, last_json, run
 
 TINY = ["--config.variant=nano", "--config.context=32", "--config.batch_size=4",

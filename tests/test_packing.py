@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from astra_jax import packing
+from astra_jax.core import packing
 
 
 @pytest.mark.parametrize("bits", range(1, 17))

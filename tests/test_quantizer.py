@@ -3,9 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from astra_jax import mesh as mesh_lib
-from astra_jax import noise
-from astra_jax import quantizer as vq
+from astra_jax.parallel import mesh as mesh_lib
+from astra_jax.core import noise
+from astra_jax.core import quantizer as vq
 
 
 def _data(n=256, dim=16, seed=0):

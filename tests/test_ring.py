@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from astra_jax import apply, attention, exchange as ex, latency, mesh as mesh_lib
+from astra_jax.core import axes
+from astra_jax.parallel import apply, mesh as mesh_lib
+from astra_jax.core import attention, exchange as ex
+from astra_jax.netsim import latency
 from astra_jax.models import gpt2, llama, vit
 from infer import traffic as traffic_cli
 
@@ -38,7 +41,7 @@ def _sharded_attend(exchange, mesh_size, *, causal, private, rope):
   the whole shared K and V each device saw."""
   def body(q, k, v):
     out, seen = attention.attend(exchange, (), q, k, v, causal=causal, private=private,
-                                 axis_name=mesh_lib.current_seq_axis(),
+                                 axis_name=axes.current_seq_axis(),
                                  query_transform=rope, key_transform=rope)
     return out, seen.k[None], seen.v[None]
 
@@ -70,7 +73,7 @@ def test_ring_gather_is_the_all_gather():
   _, k, v, _ = _inputs(4, 0, HKV)
 
   def body(k, v):
-    axis = mesh_lib.current_seq_axis()
+    axis = axes.current_seq_axis()
     return tuple(jnp.stack([out.k, out.v])[None] for out in (
         e.gather((), k, v, axis_name=axis) for e in (RING, EXACT)))
 

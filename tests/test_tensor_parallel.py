@@ -11,7 +11,11 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from astra_jax import apply, tensor_parallel as tp, traffic
+from astra_jax.parallel import apply
+from astra_jax.core import sync as tp
+from astra_jax.core.axes import TP_AXIS
+from astra_jax.parallel.tensor_apply import make_tp_mesh, tensor_apply
+from astra_jax.netsim import traffic
 from astra_jax.models import gpt2, llama, vit
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -38,8 +42,8 @@ def _build(cfg, seed=0):
 def _forward(model, size, train=False):
   """(jitted apply over ``size`` tp devices or None for one device, params, rest)."""
   graphdef, params, rest = apply.split_model(model)
-  mesh = None if size is None else tp.make_tp_mesh(size)
-  fn = tp.tensor_apply(graphdef, mesh, model.tensor_layout(), inputs=2, train=train)
+  mesh = None if size is None else make_tp_mesh(size)
+  fn = tensor_apply(graphdef, mesh, model.tensor_layout(), inputs=2, train=train)
   return jax.jit(fn), params, rest
 
 
@@ -113,15 +117,15 @@ def test_spd_block_matches_its_per_device_formula():
   block = gpt2.Block(cfg, 0, rngs=nnx.Rngs(3))
   x = jax.random.normal(jax.random.PRNGKey(4), (2, cfg.context, 32))
   graphdef, params, rest = apply.split_model(block)
-  fn = tp.tensor_apply(graphdef, tp.make_tp_mesh(4), _build(cfg).tensor_layout(), inputs=1)
+  fn = tensor_apply(graphdef, make_tp_mesh(4), _build(cfg).tensor_layout(), inputs=1)
   got = jax.jit(fn)(params, rest, x)[0]
   np.testing.assert_allclose(got, _spd_block_reference(block, x, 4), **TOL)
 
 
 def _all_reduce(sync, x, size):
-  mesh = tp.make_tp_mesh(size)
-  f = jax.shard_map(lambda y: sync.all_reduce(y[0], tp.TP_AXIS), mesh=mesh,
-                    in_specs=PartitionSpec(tp.TP_AXIS), out_specs=PartitionSpec())
+  mesh = make_tp_mesh(size)
+  f = jax.shard_map(lambda y: sync.all_reduce(y[0], TP_AXIS), mesh=mesh,
+                    in_specs=PartitionSpec(TP_AXIS), out_specs=PartitionSpec())
   return jax.jit(f)(x)
 
 
@@ -200,7 +204,7 @@ def test_errors_name_the_fix():
 
 
 def test_spd_classes_and_budget_pick():
-  from astra_jax import spd
+  from astra_jax.parallel import spd
   assert [spd.classify(c, 0.01, 0.1) for c in (0.0, 0.01, 0.05, 0.2)] == [
       "insensitive", "insensitive", "sensitive", "extremely sensitive"]
   sens = [spd.Sensitivity(b, 0.0, c, spd.classify(c, 0.01, 0.1))
@@ -213,7 +217,7 @@ def test_spd_classes_and_budget_pick():
 
 
 def test_spd_block_io_and_distillation_reduce_the_block_error():
-  from astra_jax import spd
+  from astra_jax.parallel import spd
   cfg = dataclasses.replace(GPT2, sync=tp.from_spec("spd:drop=1"))
   teacher, student = _build(GPT2), _build(cfg)
   tokens, positions = _inputs(GPT2)

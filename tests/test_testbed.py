@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from astra_jax import netns
+from astra_jax.netsim import netns
 from cli_helpers import last_json, run
 
 

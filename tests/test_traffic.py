@@ -7,7 +7,8 @@ import sys
 import jax
 import pytest
 
-from astra_jax import exchange as ex, traffic
+from astra_jax.core import exchange as ex
+from astra_jax.netsim import traffic
 from infer import traffic as traffic_cli
 
 

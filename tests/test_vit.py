@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from astra_jax import apply, attention, exchange as ex, mesh as mesh_lib
+from astra_jax.core import axes
+from astra_jax.parallel import apply, mesh as mesh_lib
+from astra_jax.core import attention, exchange as ex
 from astra_jax.models import vit
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -99,7 +101,7 @@ def test_private_tokens_never_cross_the_mesh():
   mesh = mesh_lib.make_seq_mesh(2)
   fn = jax.jit(mesh_lib.sequence_parallel(
       lambda q, k: attention.attend(exact, (), q, k, k, causal=False, private=1,
-                                    axis_name=mesh_lib.current_seq_axis())[0],
+                                    axis_name=axes.current_seq_axis())[0],
       mesh, in_seq_dims=(1, 1), out_seq_dims=1))
   base = fn(q, k)
   bumped = fn(q, k.at[:, 4].add(10.0))  # device 1's private token

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from astra_jax import cli
+from astra_jax.run import cli
 
 
 def main(argv=None, *, config: str = "gpt2_shakespeare", workdir: str = "workdir/gpt2",
@@ -28,10 +28,11 @@ def main(argv=None, *, config: str = "gpt2_shakespeare", workdir: str = "workdir
   cli.setup_devices(args)
   import jax.numpy as jnp
   import numpy as np
-  from astra_jax import checkpoint, config, recipe, training, workdir
-  from astra_jax import mesh as mesh_lib
+  from astra_jax.io import checkpoint
+  from astra_jax.run import config, recipe, training, workdir
+  from astra_jax.parallel import mesh as mesh_lib
   from astra_jax.data import text as text_lib
-  from astra_jax.tasks import lm
+  from astra_jax.run.tasks import lm
 
   try:
     cfg = config.load(args.config, overrides)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from astra_jax import cli
+from astra_jax.run import cli
 
 
 def main(argv=None):
@@ -26,10 +26,11 @@ def main(argv=None):
   cli.setup_devices(args)
   import jax.numpy as jnp
   import numpy as np
-  from astra_jax import checkpoint, config, recipe, training, workdir
-  from astra_jax import mesh as mesh_lib
+  from astra_jax.io import checkpoint
+  from astra_jax.run import config, recipe, training, workdir
+  from astra_jax.parallel import mesh as mesh_lib
   from astra_jax.data import images as data
-  from astra_jax.tasks import vit as task
+  from astra_jax.run.tasks import vit as task
 
   try:
     cfg = config.load(args.config, overrides)

@@ -1,7 +1,7 @@
 """GPT-2 (Flax NNX): causal LM over (a device's share of) the token sequence.
 
 Parameter names follow Hugging Face's GPT-2 (wte, wpe, h.N.attn.c_attn, ...),
-so ``astra_jax.hf`` maps checkpoints one to one.  Two ways to run it:
+so ``astra_jax.io.hf`` maps checkpoints one to one.  Two ways to run it:
 
   ``model(tokens, positions)``   prefill / training.  Attention goes through
       ``SequenceAttention(causal=True)``: under a mesh, device i sees its own
@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from astra_jax.attention import SequenceAttention, dot_product_attention
-from astra_jax.exchange import Exchange, ExactExchange
-from astra_jax.tensor_parallel import ExactSync, Split, Sync
+from astra_jax.core.attention import SequenceAttention, dot_product_attention
+from astra_jax.core.exchange import Exchange, ExactExchange
+from astra_jax.core.sync import ExactSync, Split, Sync
 
 # width, layers, heads
 VARIANTS = {
@@ -144,7 +144,7 @@ class GPT2(nnx.Module):
     return self._logits(x).astype(jnp.float32), new_cache
 
   def tensor_layout(self) -> dict[str, Split]:
-    """How tensor parallelism splits the linears (``astra_jax.tensor_parallel``)."""
+    """How tensor parallelism splits the linears (``astra_jax.parallel.tensor_layout``)."""
     width, _, heads = self.cfg.sizes
     return {"c_attn": Split("columns", parts=3, unit=width // heads, what="heads"),
             "c_proj": Split("rows", unit=width // heads, what="heads"),

@@ -4,8 +4,8 @@ attention, SwiGLU; causal LM over (a device's share of) the token sequence.
 Module names follow Hugging Face's ``LlamaForCausalLM`` (embed_tokens,
 layers.N.q_proj / k_proj / v_proj / o_proj, gate_proj / up_proj / down_proj,
 input_layernorm, post_attention_layernorm, norm, lm_head), so
-``astra_jax.hf.load_llama`` maps checkpoints one to one.  Two ways to run it,
-as GPT-2 (``astra_jax.models.gpt2``), so ``astra_jax.generate`` works as is:
+``astra_jax.io.hf.load_llama`` maps checkpoints one to one.  Two ways to run it,
+as GPT-2 (``astra_jax.models.gpt2``), so ``astra_jax.run.generate`` works as is:
 
   ``model(tokens, positions)``  prefill / training.  Attention goes through
       ``SequenceAttention(causal=True)`` with kv_dim = kv_heads * head_dim:
@@ -60,9 +60,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from astra_jax.attention import SequenceAttention, dot_product_attention
-from astra_jax.exchange import Exchange, ExactExchange
-from astra_jax.tensor_parallel import ExactSync, Split, Sync
+from astra_jax.core.attention import SequenceAttention, dot_product_attention
+from astra_jax.core.exchange import Exchange, ExactExchange
+from astra_jax.core.sync import ExactSync, Split, Sync
 
 
 class Sizes(NamedTuple):
@@ -377,7 +377,7 @@ class Llama(nnx.Module):
     return self._logits(x), new_cache
 
   def tensor_layout(self) -> dict[str, Split]:
-    """How tensor parallelism splits the linears (``astra_jax.tensor_parallel``)."""
+    """How tensor parallelism splits the linears (``astra_jax.parallel.tensor_layout``)."""
     d = self.cfg.sizes.head_dim
     return {"q_proj": Split("columns", unit=d, what="heads"),
             "k_proj": Split("columns", unit=d, what="K/V heads", repeat=True),

@@ -28,10 +28,10 @@ import einops
 import jax.numpy as jnp
 from flax import nnx
 
-from astra_jax.attention import SequenceAttention
-from astra_jax.exchange import Exchange, ExactExchange
-from astra_jax.mesh import seq_first, seq_mean
-from astra_jax.tensor_parallel import ExactSync, Split, Sync
+from astra_jax.core.attention import SequenceAttention
+from astra_jax.core.exchange import Exchange, ExactExchange
+from astra_jax.core.axes import seq_first, seq_mean
+from astra_jax.core.sync import ExactSync, Split, Sync
 
 # width, depth, heads, mlp width
 VARIANTS = {
@@ -135,7 +135,7 @@ class ViT(nnx.Module):
     return seq_mean(logits) if self.cfg.class_token == "distributed" else seq_first(logits)
 
   def tensor_layout(self) -> dict[str, Split]:
-    """How tensor parallelism splits the linears (``astra_jax.tensor_parallel``)."""
+    """How tensor parallelism splits the linears (``astra_jax.parallel.tensor_layout``)."""
     width, _, heads, _ = self.cfg.sizes
     return {"qkv": Split("columns", parts=3, unit=width // heads, what="heads"),
             "proj": Split("rows", unit=width // heads, what="heads"),

@@ -1,0 +1,298 @@
+"""K/V exchange strategies: how one device gets the other devices' keys/values.
+
+This is the single plug-in point between the models and the mesh.  A strategy
+is a frozen dataclass (a config is data), registered by name, with pure
+methods:
+
+  init_state(key, kv_dim)       -> pytree of per-layer, non-gradient state
+  gather(state, k, v, ...)      -> ExchangeOut: every device's K/V, own block exact
+  attend(state, q, k, v, ...)   -> (attention output, ExchangeOut); by default
+                                   ``gather`` then softmax over all keys at once
+  bytes_per_token(kv_dim, dtype) -> what one token's K (or V) costs on the wire
+
+Attention (``astra_jax.core.attention``) calls ``attend`` and never branches on the
+strategy.  Strategies here:
+
+  exact  full-precision ``all_gather`` of K/V (plain sequence parallelism)
+  vq     ASTRA: local K/V exact, everyone else's as grouped-VQ codes, bit-packed
+         before the ``all_gather`` and decoded by the receiver.
+  ring   exact K/V passed device to device around a ring (``ppermute``), with
+         blockwise softmax as the blocks arrive (``astra_jax.core.ring``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from astra_jax.core import noise as noise_lib
+from astra_jax.core import packing
+from astra_jax.core import quantizer as vq
+from astra_jax.core import ring
+from astra_jax.core.dot_product import dot_product_attention
+from astra_jax.core.specs import Registry
+
+
+class ExchangeOut(NamedTuple):
+  """What attention receives from a strategy.
+
+  k, v:  [B, P*Tl, Hkv, Dh], blocks in device order; the calling device's own
+         block is its exact local K/V.
+  state: the strategy state after this call (updated only in training).
+  loss:  scalar auxiliary loss to add to the training objective (mesh-averaged).
+  """
+
+  k: jnp.ndarray
+  v: jnp.ndarray
+  state: Any
+  loss: jnp.ndarray
+
+
+STRATEGIES = Registry("exchange", "exchange", example="vq:groups=32,codebook_size=1024")
+register = STRATEGIES.register
+available = STRATEGIES.available
+make_exchange = STRATEGIES.make  # name, **options -> a strategy
+from_spec = STRATEGIES.from_spec  # 'vq:groups=32,codebook_size=1024' -> a strategy
+
+
+def same_state(a: "Exchange", b: "Exchange") -> bool:
+  """Whether a model trained with exchange ``a`` can reuse its state under ``b``
+  (the same strategy and options; the simulated link loss may differ)."""
+  return dataclasses.replace(a, drop_rate=0.0) == dataclasses.replace(b, drop_rate=0.0)
+
+
+def _gather_blocks(x: jnp.ndarray, axis_name: str) -> jnp.ndarray:
+  """[B, Tl, ...] on each device -> [B, P*Tl, ...] in device order."""
+  return jax.lax.all_gather(x, axis_name, axis=1, tiled=True)
+
+
+def _own_block(full: jnp.ndarray, local: jnp.ndarray, axis_name: str) -> jnp.ndarray:
+  """Overwrites this device's block of ``full`` with its exact ``local`` tokens."""
+  start = jax.lax.axis_index(axis_name) * local.shape[1]
+  return jax.lax.dynamic_update_slice_in_dim(full, local.astype(full.dtype), start, axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Exchange:
+  """Base strategy: nothing to learn, nothing to update.
+
+  drop_rate: simulated loss on the link: each non-local token's K/V reaches a
+             receiver with probability 1 - drop_rate, independently per
+             receiver, layer and forward; attention masks lost tokens out
+             (``attention.attend``), it does not zero-fill them.  0 by default.
+  """
+
+  name: ClassVar[str] = "base"
+  drop_rate: float = 0.0
+
+  def __post_init__(self):
+    if not 0.0 <= self.drop_rate < 1.0:
+      raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
+
+  def init_state(self, key: jax.Array, kv_dim: int) -> Any:
+    del key, kv_dim
+    return ()
+
+  def gather(self, state, k, v, *, axis_name: str | None, train: bool = False,
+             key: jax.Array | None = None) -> ExchangeOut:
+    raise NotImplementedError
+
+  def bytes_per_token(self, kv_dim: int, dtype: Any) -> int:
+    raise NotImplementedError
+
+  def sends(self, mesh_size: int) -> int:
+    """How many times a device hands its block to a collective per K (or V): 1 for
+    an all-gather; a ring forwards a block at each of its P - 1 steps."""
+    del mesh_size
+    return 1
+
+  def attend(self, state, q, k, v, *, causal: bool, train: bool = False,
+             key: jax.Array | None = None, axis_name: str | None = None,
+             private: int = 0, query_transform: Callable | None = None,
+             key_transform: Callable | None = None) -> tuple[jnp.ndarray, ExchangeOut]:
+    """``attention.attend`` (its docstring has the arguments): ``gather`` the
+    shared K/V, then softmax attention over the whole sequence at once, with
+    tokens lost on the link (``drop_rate``) masked out."""
+    lossy = self.drop_rate > 0 and axis_name is not None
+    if lossy:
+      if key is None:
+        raise ValueError("a lossy link (drop_rate > 0) needs a PRNG key to draw the losses")
+      key, drop_key = jax.random.split(key)
+    out = self.gather(state, k[:, private:], v[:, private:], axis_name=axis_name,
+                      train=train, key=key if train else None)
+    k_all = jnp.concatenate([k[:, :private], out.k], axis=1)
+    v_all = jnp.concatenate([v[:, :private], out.v], axis=1)
+    tl = q.shape[1]
+    index = 0 if axis_name is None else jax.lax.axis_index(axis_name)
+    q_pos = index * tl + jnp.arange(tl)
+    k_pos = jnp.arange(k_all.shape[1])
+    if query_transform is not None:
+      q = query_transform(q, q_pos)
+    if key_transform is not None:
+      k_all = key_transform(k_all, k_pos)
+    valid = None
+    if lossy:
+      received = received_tokens(drop_key, self.drop_rate, out.k.shape[0],
+                                 out.k.shape[1], k.shape[1] - private, axis_name)
+      valid = jnp.concatenate([jnp.ones((k.shape[0], private), bool), received], axis=1)
+    return dot_product_attention(q, k_all, v_all, q_pos=q_pos, k_pos=k_pos,
+                                 causal=causal, kv_valid=valid), out
+
+
+def received_tokens(key: jax.Array, drop_rate: float, batch: int, total: int, local: int,
+                    axis_name: str) -> jnp.ndarray:
+  """[B, total] bool: which tokens' K/V reached this device over a lossy link.
+
+  Each non-local token is lost with probability ``drop_rate``, independently
+  per receiving device; this device's own block is always present.
+  """
+  index = jax.lax.axis_index(axis_name)
+  keep = jax.random.bernoulli(jax.random.fold_in(key, index), 1.0 - drop_rate, (batch, total))
+  own = (jnp.arange(total) // local) == index
+  return keep | own[None]
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class ExactExchange(Exchange):
+  """Full-precision K/V through ``all_gather`` (Voltage-style sequence parallelism)."""
+
+  name: ClassVar[str] = "exact"
+
+  def gather(self, state, k, v, *, axis_name, train=False, key=None):
+    del train, key
+    if axis_name is not None:
+      k, v = _gather_blocks(k, axis_name), _gather_blocks(v, axis_name)
+    return ExchangeOut(k, v, state, jnp.zeros((), jnp.float32))
+
+  def bytes_per_token(self, kv_dim, dtype):
+    return kv_dim * jnp.dtype(dtype).itemsize
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class RingExchange(Exchange):
+  """Ring attention (``astra_jax.core.ring``): full-precision K/V blocks forwarded to
+  the next device P - 1 times (``ppermute``), attention folded in block by block
+  with an online softmax, so no device needs the whole K/V at once to attend.
+  Exact: equal to ``exact`` up to float rounding, with the same bytes per token.
+  It models no link loss (``drop_rate`` must be 0).
+  """
+
+  name: ClassVar[str] = "ring"
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.drop_rate:
+      raise ValueError(
+          f"the ring exchange does not model link loss (drop_rate={self.drop_rate}); "
+          "use exact or vq for a lossy link")
+
+  def gather(self, state, k, v, *, axis_name, train=False, key=None):
+    del train, key
+    k, v = ring.place(ring.circulate(k, v, axis_name))
+    return ExchangeOut(k, v, state, jnp.zeros((), jnp.float32))
+
+  def sends(self, mesh_size):
+    return mesh_size - 1
+
+  def attend(self, state, q, k, v, *, causal, train=False, key=None, axis_name=None,
+             private=0, query_transform=None, key_transform=None):
+    del train, key
+    out, k_all, v_all = ring.ring_attention(
+        q, k, v, causal=causal, axis_name=axis_name, private=private,
+        query_transform=query_transform, key_transform=key_transform)
+    return out, ExchangeOut(k_all, v_all, state, jnp.zeros((), jnp.float32))
+
+  def bytes_per_token(self, kv_dim, dtype):
+    return ExactExchange().bytes_per_token(kv_dim, dtype)
+
+
+class VQState(NamedTuple):
+  """Separate codebooks for the keys and the values of one layer."""
+
+  k: vq.Codebook
+  v: vq.Codebook
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class VQExchange(Exchange):
+  """ASTRA's mixed-precision exchange with a grouped vector quantizer.
+
+  groups:          G, groups per K (or V) vector; a token costs G*log2(K) bits.
+  codebook_size:   K entries per group codebook (power of two; 1024 = 10 bits).
+  commitment:      weight of the commitment loss (ASTRA: 1e-4 .. 5e-4).
+  noise_scale:     lambda of noise-augmented quantization (training only).
+  ema_decay:       decay of the EMA codebook statistics.
+  dead_threshold:  an entry is dead below this fraction of the uniform usage;
+                   dead entries are re-seeded every training step.
+
+  In training the sender applies the straight-through estimator and the
+  decoded (float) K/V cross the mesh, so the gradient of a receiver's loss
+  flows back to the sender's pre-quantization K/V; the values are exactly the
+  decoded codes.  At inference only the packed codes cross the mesh.
+  """
+
+  name: ClassVar[str] = "vq"
+  groups: int = 32
+  codebook_size: int = 1024
+  commitment: float = 2.5e-4
+  noise_scale: float = 1.0
+  ema_decay: float = 0.99
+  dead_threshold: float = 0.01
+
+  def __post_init__(self):
+    super().__post_init__()
+    packing.code_bits(self.codebook_size)
+    if self.groups < 1:
+      raise ValueError(f"groups must be >= 1, got {self.groups}")
+
+  def init_state(self, key, kv_dim):
+    vq.check_config(kv_dim, self.groups, self.codebook_size)
+    kk, kv = jax.random.split(key)
+    return VQState(vq.init_codebook(kk, kv_dim, self.groups, self.codebook_size),
+                   vq.init_codebook(kv, kv_dim, self.groups, self.codebook_size))
+
+  def bytes_per_token(self, kv_dim, dtype):
+    del dtype
+    vq.check_config(kv_dim, self.groups, self.codebook_size)
+    return packing.packed_bytes(self.groups, self.codebook_size)
+
+  def gather(self, state, k, v, *, axis_name, train=False, key=None):
+    if axis_name is None:  # one device: everything is local and exact
+      return ExchangeOut(k, v, state, jnp.zeros((), jnp.float32))
+    if train and key is None:
+      raise ValueError("the vq exchange needs a PRNG key in training (noise, re-seeding)")
+    keys = jax.random.split(key, 2) if train else (None, None)
+    (k_all, cb_k, loss_k), (v_all, cb_v, loss_v) = (
+        self._one(x, cb, axis_name, train, kk)
+        for x, cb, kk in ((k, state.k, keys[0]), (v, state.v, keys[1])))
+    return ExchangeOut(k_all, v_all, VQState(cb_k, cb_v), loss_k + loss_v)
+
+  def _one(self, x, cb: vq.Codebook, axis_name, train, key):
+    b, tl, h, dh = x.shape
+    flat = x.reshape(b, tl, h * dh)
+    vq.check_config(h * dh, self.groups, self.codebook_size)
+    codes = vq.encode(flat, cb.entries)
+    if train:
+      k_noise, k_seed = jax.random.split(key)
+      decoded = vq.decode(codes, cb.entries)
+      sent = vq.straight_through(flat, decoded)
+      received = _gather_blocks(sent, axis_name)
+      device_key = jax.random.fold_in(k_noise, jax.lax.axis_index(axis_name))
+      received = noise_lib.residual_noise(device_key, received, cb.resid_var,
+                                          self.noise_scale)
+      loss = self.commitment * jax.lax.pmean(vq.commitment_loss(flat, decoded), axis_name)
+      cb = vq.ema_update(cb, flat, codes, decay=self.ema_decay, axis_name=axis_name)
+      cb = vq.reseed_dead(k_seed, cb, self.dead_threshold)
+    else:
+      packed = _gather_blocks(packing.pack_codes(codes, self.codebook_size), axis_name)
+      codes_all = packing.unpack_codes(packed, self.groups, self.codebook_size)
+      received = vq.decode(codes_all, cb.entries)
+      loss = jnp.zeros((), jnp.float32)
+    full = _own_block(received.astype(x.dtype), flat, axis_name)
+    return full.reshape(b, -1, h, dh), cb, loss

@@ -1,0 +1,69 @@
+"""The train CLIs' recipe, shared by every task: start, resume, fit.
+
+  model = recipe.start_model(...)   # fresh, or another run's weights (+ k-means
+                                    # codebooks when fine-tuning with ASTRA)
+  model = recipe.train(model, ...)  # resume from the workdir, fit, checkpoint
+
+A task supplies only what differs: how to build or restore its model, its
+batches (a pure function of the step) and its output layout.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import jax
+from flax import nnx
+
+from astra_jax.parallel import apply
+from astra_jax.run import calibrate, training, workdir
+from astra_jax.io import checkpoint
+from astra_jax.parallel import mesh as mesh_lib
+
+
+def start_model(*, init_from: str | None, ckpt: checkpoint.Checkpointer,
+                build: Callable[[], nnx.Module], restore: Callable[[str], nnx.Module],
+                exchange: str, calib_batches: Callable[[], Iterable[tuple]], seed: int,
+                kmeans_tokens: int) -> nnx.Module:
+  """A fresh model, or ``init_from``'s weights when this run has no checkpoint yet.
+
+  Fine-tuning into the ``vq`` exchange starts the codebooks from k-means on
+  the trained model's own K/V (``calib_batches()`` yields model inputs that
+  training will not see).  A run with checkpoints resumes from them instead.
+  """
+  if not init_from or ckpt.latest_step() is not None:
+    return build()
+  model = restore(init_from)
+  if exchange == "vq":
+    calibrate.kmeans_codebooks(model, calib_batches(), jax.random.PRNGKey(seed),
+                               max_tokens=kmeans_tokens)
+    print(f"codebooks initialised by k-means on {init_from}'s K/V", flush=True)
+  return model
+
+
+def train(model: nnx.Module, tx, *, cfg, run: str, mesh, ckpt: checkpoint.Checkpointer,
+          total: int, batch_fn: Callable[[int], tuple[Any, Any]], out_seq_dim: Any,
+          items_per_step: int) -> nnx.Module:
+  """Resumes from ``ckpt`` (else starts from ``model``), trains to ``total`` steps.
+
+  ``batch_fn(step) -> ((inputs, positions), targets)`` gives host arrays;
+  inputs are split along dim 1, positions along dim 0, targets along
+  ``out_seq_dim`` (the outputs' layout).  Saves ``cfg`` as the run's config.json, logs to metrics.jsonl and returns the
+  trained model.  Raises ``CheckpointError`` (a ValueError naming the fix) for
+  an unreadable checkpoint before any step runs.
+  """
+  graphdef, params, rest = apply.split_model(model)
+  state = training.resume(ckpt, training.init_state(params, rest, tx), run)
+  workdir.save_config(run, cfg)
+  state = mesh_lib.replicate(state, mesh)
+  step_fn = training.make_train_step(
+      apply.sequence_apply(graphdef, mesh, in_seq_dims=(1, 0), train=True,
+                           out_seq_dim=out_seq_dim),
+      training.classification_loss, tx)
+  # each process puts only its own slice of every batch on its devices
+  placed = lambda step: mesh_lib.to_global(batch_fn(step), mesh, ((1, 0), out_seq_dim))
+  state = training.fit(step_fn, state, total=total, batch_fn=placed, ckpt=ckpt,
+                       log=training.MetricsLog(run), log_every=cfg.log_every,
+                       items_per_step=items_per_step)
+  ckpt.close()
+  return nnx.merge(graphdef, state.params, state.rest)

@@ -1,0 +1,139 @@
+"""Causal language modelling: model from a config, data, perplexity.
+
+One task for every causal LM family; ``cfg.family`` picks the model:
+``"gpt2"`` (``models.gpt2``) or ``"llama"`` (``models.llama``).  Run folders
+written before there was a choice have no ``family`` in their config.json
+and are GPT-2.  The families share the config keys variant / vocab_size /
+context / exchange / vq and the model interface (``model(tokens, positions)``,
+``decode``, ``empty_cache``), so the train and infer CLIs serve both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from astra_jax.parallel import apply, forward, mesh as mesh_lib
+from astra_jax.core import exchange
+from astra_jax.run import training, workdir
+from astra_jax.netsim import traffic
+from astra_jax.data import text as text_lib
+from astra_jax.models import gpt2, llama
+
+ModelConfig = gpt2.GPT2Config | llama.LlamaConfig
+# family -> (its config class, its model class, what messages call it)
+FAMILIES = {"gpt2": (gpt2.GPT2Config, gpt2.GPT2, "GPT-2"),
+            "llama": (llama.LlamaConfig, llama.Llama, "Llama")}
+
+
+def family(cfg: ml_collections.ConfigDict) -> str:
+  """The run's model family; config.json files from before Llama have none: GPT-2."""
+  name = cfg.get("family", "gpt2")
+  if name not in FAMILIES:
+    raise ValueError(f"unknown model family {name!r}; set --config.family to one of "
+                     f"{sorted(FAMILIES)}")
+  return name
+
+
+def model_config(cfg: ml_collections.ConfigDict, exchange_name: str | None = None) -> ModelConfig:
+  name = exchange_name or cfg.exchange
+  options = dict(cfg.vq) if name == "vq" else {}
+  config_cls, _, _ = FAMILIES[family(cfg)]
+  return config_cls(variant=cfg.variant, vocab_size=cfg.vocab_size, context=cfg.context,
+                    exchange=exchange.make_exchange(name, **options))
+
+
+def build(model_cfg: ModelConfig, seed: int = 0) -> nnx.Module:
+  model_cls = next(m for c, m, _ in FAMILIES.values() if isinstance(model_cfg, c))
+  return model_cls(model_cfg, rngs=nnx.Rngs(seed))
+
+
+def exchanged_shape(model_cfg: ModelConfig) -> tuple[int, int]:
+  """(values per token in one K (or V) exchange, attention layers): GPT-2 exchanges
+  its full width, Llama its K/V heads (kv_heads * head_dim)."""
+  if isinstance(model_cfg, llama.LlamaConfig):
+    return model_cfg.kv_dim, model_cfg.sizes.layers
+  width, layers, _ = model_cfg.sizes
+  return width, layers
+
+
+def make_optimizer(cfg, total_steps: int):
+  return training.make_optimizer(lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 warmup_steps=cfg.warmup_steps, total_steps=total_steps)
+
+
+def restore_trained(run: str, target: ModelConfig | None = None, step: int | None = None):
+  """(cfg, model config, model) from a run; ``target`` may change only the exchange."""
+  cfg = workdir.load_config(run)
+  trained = model_config(cfg)
+  target = target or trained
+  if (type(target) is not type(trained)
+      or dataclasses.replace(target, exchange=trained.exchange, sync=trained.sync) != trained):
+    raise ValueError(f"{run} holds {FAMILIES[family(cfg)][2]} {trained.variant} (vocab "
+                     f"{trained.vocab_size}, context {trained.context}); the requested model "
+                     "differs in more than the exchange or the tensor-parallel sync")
+  tx = make_optimizer(cfg, 2)
+  model = workdir.restore_model(
+      run, lambda: build(trained), lambda: build(target),
+      lambda p, r: training.init_state(p, r, tx),
+      exchange.same_state(target.exchange, trained.exchange), step)
+  return cfg, target, model
+
+
+def token_ids(text: str, tokenizer) -> np.ndarray:
+  return np.asarray(tokenizer.encode(text), np.int32)
+
+
+def evaluate(model: nnx.Module, cfg, model_cfg: ModelConfig, ids: np.ndarray,
+             mesh_size: int, batch_size: int, windows: int | None,
+             tensor: bool = False) -> dict:
+  """Validation perplexity at ``mesh_size`` devices and bytes per device (HLO).
+
+  ``tensor``: tensor-parallel over the devices with ``model_cfg.sync`` instead
+  of sequence-parallel with ``model_cfg.exchange``.
+  """
+  if not tensor:
+    mesh_lib.check_divisible(cfg.context, mesh_size, what="context")
+  fwd = forward.inference_forward(model, mesh_size, out_seq_dim=1, tensor=tensor)
+  positions = jnp.arange(cfg.context)
+
+  @jax.jit
+  def nll(params, rest, inputs, positions, targets):
+    logits, rest, _ = fwd.fn(params, rest, inputs, positions)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum(), rest
+
+  total, count = 0.0, 0
+  rest = fwd.rest
+  for inputs, targets in text_lib.eval_windows(ids, batch_size, cfg.context, windows):
+    inputs, pos, targets_ = fwd.place((inputs, positions, targets), (1, 0, 1))
+    batch_nll, rest = nll(fwd.params, rest, inputs, pos, targets_)  # rest: fresh link losses
+    total += float(mesh_lib.fetch(batch_nll))
+    count += targets.size
+  kv_dim, layers = exchanged_shape(model_cfg)
+  one = jax.ShapeDtypeStruct((1, cfg.context), jnp.int32)
+  example = (fwd.fn, (fwd.params, rest, one, positions))
+  if tensor:
+    summary = traffic.tensor_summary(*example, model_cfg.sync, layers=layers,
+                                     values=cfg.context * model_width(model_cfg),
+                                     mesh_size=mesh_size)
+  else:
+    summary = traffic.exchange_summary(*example, model_cfg.exchange, width=kv_dim,
+                                       layers=layers, tokens=cfg.context, mesh_size=mesh_size)
+  loss = total / count
+  return {
+      "perplexity": math.exp(loss), "loss": loss, "tokens": count, **summary,
+      "drop_rate": model_cfg.exchange.drop_rate,
+      "family": family(cfg), "variant": model_cfg.variant, "context": cfg.context,
+  }
+
+
+def model_width(model_cfg: ModelConfig) -> int:
+  """The residual stream's width (what a tensor-parallel all-reduce sums per token)."""
+  return model_cfg.sizes[0] if isinstance(model_cfg, gpt2.GPT2Config) else model_cfg.sizes.width
