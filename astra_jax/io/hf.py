@@ -2,9 +2,9 @@
 
 ``load_gpt2(folder)`` and ``load_llama(folder)`` read a transformers folder
 (``config.json`` plus ``model.safetensors``, or shards listed in
-``model.safetensors.index.json``) with numpy only: safetensors files are
-mapped from disk by ``read_safetensors`` (bfloat16 through ml_dtypes, which
-numpy lacks); torch is not needed.
+``model.safetensors.index.json``) with the ``safetensors`` library's numpy
+loader, tensor by tensor as they are used (bfloat16 through ml_dtypes);
+torch is not needed.
 
 GPT-2: HF stores its linear layers as ``Conv1D`` with weight [in, out], the
 layout of an ``nnx.Linear`` kernel, so tensors map one to one:
@@ -39,10 +39,7 @@ import json
 import os
 import re
 
-import math
-
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -58,9 +55,6 @@ _MODULE = {"ln_1": "ln_1", "ln_2": "ln_2", "c_attn": "attn.c_attn", "c_proj": "a
            "c_fc": "mlp.c_fc", "mlp_proj": "mlp.c_proj"}
 
 
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-           "BOOL": np.bool_}
 _LLAMA_MODULE = {name: f"self_attn.{name}" for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
 _LLAMA_MODULE.update({name: f"mlp.{name}" for name in ("gate_proj", "up_proj", "down_proj")})
 _LLAMA_MODULE.update(input_layernorm="input_layernorm",
@@ -292,47 +286,50 @@ def _read_tensors(folder: str) -> dict[str, np.ndarray]:
   return tensors
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """Every tensor of one ``.safetensors`` file as a read-only numpy array mapped
-  from disk (nothing is read until used; bfloat16 as ``ml_dtypes.bfloat16``).
+class StoredTensor:
+  """One tensor of a ``.safetensors`` file, read only when used.
 
-  Copy a tensor (``np.array``) before handing it to JAX: on CPU ``jnp.asarray``
-  may alias the mapped pages, so a model would change if the file were
-  rewritten in place.  The format: an 8-byte little-endian header length, a
-  JSON header naming each tensor's dtype, shape and byte range, then the bytes.
+  ``shape`` and ``dtype`` come from the header; ``np.asarray(t)`` (or
+  ``np.array``) reads the bytes through the ``safetensors`` library into a
+  fresh numpy array (bfloat16 as ``ml_dtypes.bfloat16``), so a model never
+  aliases the file and a big checkpoint is read one tensor at a time.
   """
-  def corrupt(why):
-    return HFImportError(f"{path} is not a readable safetensors file ({why}); download or "
-                         "save it again (transformers' save_pretrained writes safetensors)")
 
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
-    head = f.read(8)
-    n = int.from_bytes(head, "little") if len(head) == 8 else -1
-    if not 0 < n <= size - 8:
-      raise corrupt("bad header length")
+  def __init__(self, handle, name: str, path: str):
+    self._handle, self._name, self._path = handle, name, path
+    info = handle.get_slice(name)
+    self.shape = tuple(int(d) for d in info.get_shape())
+    self.dtype = info.get_dtype()
+
+  def __array__(self, dtype=None, copy=None):
     try:
-      header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise corrupt(f"header is not JSON: {e}") from None
-  header.pop("__metadata__", None)
-  body = size - 8 - n
-  data = (np.memmap(path, np.uint8, "r", offset=8 + n, shape=(body,)) if body
-          else np.zeros(0, np.uint8))
-  tensors = {}
-  for name, info in header.items():
-    try:
-      dtype = np.dtype(_DTYPES[info["dtype"]])
-      shape = [int(d) for d in info["shape"]]
-      begin, end = (int(o) for o in info["data_offsets"])
-    except (KeyError, TypeError, ValueError):
-      raise corrupt(f"tensor {name!r} has dtype/shape/offsets {info!r}; supported dtypes "
-                    f"{sorted(_DTYPES)}") from None
-    if not 0 <= begin <= end <= body or end - begin != math.prod(shape) * dtype.itemsize:
-      raise corrupt(f"tensor {name!r} has bytes {begin}..{end} for shape {shape} {dtype}, "
-                    f"in a {body}-byte body (truncated?)")
-    tensors[name] = data[begin:end].view(dtype).reshape(shape)
-  return tensors
+      value = self._handle.get_tensor(self._name)
+    except Exception as e:  # the library's SafetensorError, or an OS error
+      raise _unreadable(self._path, f"tensor {self._name!r}: {_first_line(e)}") from None
+    return value if dtype is None else value.astype(dtype)
+
+
+def _first_line(e: Exception) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _unreadable(path: str, why: str) -> HFImportError:
+  return HFImportError(f"{path} is not a readable safetensors file ({why}); download or "
+                       "save it again (transformers' save_pretrained writes safetensors)")
+
+
+def read_safetensors(path: str) -> dict[str, StoredTensor]:
+  """Every tensor of one ``.safetensors`` file, by name, as a ``StoredTensor``
+  (header read now, bytes when used), through the ``safetensors`` library."""
+  from safetensors import safe_open
+  try:
+    handle = safe_open(path, framework="numpy")
+    return {name: StoredTensor(handle, name, path) for name in handle.keys()}
+  except Exception as e:  # SafetensorError: bad header, truncated body, unknown dtype
+    why = _first_line(e)
+    if "not fully covered" in why or "incomplete" in why:
+      why += " (truncated?)"
+    raise _unreadable(path, why) from None
 
 
 def _check_tensors(tensors: dict, shapes: dict[str, tuple], folder: str, what: str,
