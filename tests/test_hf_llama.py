@@ -239,7 +239,7 @@ def test_truncated_safetensors_file(tmp_path):
 
 
 def test_loaded_weights_do_not_alias_the_file(tmp_path):
-  """Tensors are mapped from disk; the model holds copies, so rewriting the file in
+  """Tensors are read from disk when used; the model holds copies, so rewriting the file in
   place (same inode) after loading leaves the model as it was."""
   c = _hf_config()
   tensors = _hf_tensors(c)
