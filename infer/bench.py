@@ -20,7 +20,6 @@ last stdout line is one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -38,12 +37,13 @@ MEASURED = "measured"
 
 
 def parse(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = cli.Parser(description=__doc__.split("\n")[0])
   p.add_argument("--tiny", action="store_true", help="the small CI configuration (defaults "
                  "below become " + ", ".join(f"{k}={v}" for k, v in TINY.items()) + ")")
   p.add_argument("--models", nargs="+", help=f"default {FULL['models']}")
-  p.add_argument("--mesh", nargs="+", type=int, help=f"devices P, default {FULL['mesh']}")
-  p.add_argument("--bandwidths", nargs="+", type=float,
+  p.add_argument("--mesh", nargs="+", type=cli.at_least(1),
+                 help=f"devices P, default {FULL['mesh']}")
+  p.add_argument("--bandwidths", nargs="+", type=cli.positive,
                  help=f"Mbit/s, default {FULL['bandwidths']}")
   p.add_argument("--trace", default=None,
                  help="also a dynamic network: SECONDS:MBITS pairs, e.g. '0:100,0.2:10,1:50'")
@@ -59,11 +59,11 @@ def parse(argv):
                  help="file written by python -m infer.profile_host")
   p.add_argument("--topology", nargs="+", default=["switched"],
                  help="switched (full duplex, default) and/or shared (one medium)")
-  p.add_argument("--latency-ms", type=float, default=1.0,
+  p.add_argument("--latency-ms", type=cli.nonnegative, default=1.0,
                  help="fixed latency per collective message, ms")
-  p.add_argument("--efficiency", type=float, default=1.0,
+  p.add_argument("--efficiency", type=cli.positive, default=1.0,
                  help="fraction of a profile's peak FLOP/s reached (roofline)")
-  p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
+  p.add_argument("--repeats", type=cli.at_least(1), default=5, help="timed runs per measurement")
   p.add_argument("--out", default=os.path.join("results", "bench"))
   args = p.parse_args(argv)
   for key, value in (TINY if args.tiny else FULL).items():

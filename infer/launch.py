@@ -26,14 +26,17 @@ import sys
 import threading
 import time
 
+from astra_jax.run import cli
+
 
 def parse(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--procs", type=int, required=True, help="number of processes")
+  p = cli.Parser(description=__doc__.split("\n")[0])
+  p.add_argument("--procs", type=cli.at_least(1), required=True, help="number of processes")
   p.add_argument("--coordinator", default=None,
                  help="HOST:PORT for rank 0's coordinator (default 127.0.0.1 and a free port)")
-  p.add_argument("--timeout", type=float, default=1800, help="seconds for the whole run")
-  p.add_argument("--grace", type=float, default=10, help="seconds between SIGTERM and SIGKILL")
+  p.add_argument("--timeout", type=cli.positive, default=1800, help="seconds for the whole run")
+  p.add_argument("--grace", type=cli.nonnegative, default=10,
+                 help="seconds between SIGTERM and SIGKILL")
   p.add_argument("--wrap", default="", help="command before each rank; {rank} is replaced")
   p.add_argument("command", nargs=argparse.REMAINDER,
                  help="-- MODULE ARGS...: the CLI to run (e.g. infer.gpt2 --eval ...)")

@@ -18,7 +18,6 @@ Writes ``--out`` .json and .md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -31,15 +30,16 @@ PAPER = {"single_device_s": 4.578,
 
 
 def parse(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = cli.Parser(description=__doc__.split("\n")[0])
   p.add_argument("--model", default="llama3-8b", help="a workload of astra_jax.netsim.workloads")
-  p.add_argument("--mesh", type=int, default=4)
+  p.add_argument("--mesh", type=cli.at_least(1), default=4)
   p.add_argument("--exchanges", nargs="+", default=["vq:groups=1", "vq:groups=32", "exact"])
-  p.add_argument("--bandwidths", nargs="+", type=float, default=[10, 20, 50, 100, 500])
+  p.add_argument("--bandwidths", nargs="+", type=cli.positive, default=[10, 20, 50, 100, 500])
   p.add_argument("--profile", default="gtx1660ti")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--latency-ms", type=float, default=1.0, help="per-collective latency alpha")
+  p.add_argument("--repeats", type=cli.at_least(1), default=3)
+  p.add_argument("--latency-ms", type=cli.nonnegative, default=1.0,
+                 help="per-collective latency alpha")
   p.add_argument("--out", default="results/llama8b_layer")
   return p.parse_args(argv)
 

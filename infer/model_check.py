@@ -22,7 +22,6 @@ link rate and exchange and reports the model's error
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -32,13 +31,13 @@ from astra_jax.run import cli
 
 
 def parse(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = cli.Parser(description=__doc__.split("\n")[0])
   p.add_argument("--bench", default="results/bench_testbed/bench.json")
   p.add_argument("--testbed", default="results/testbed")
   p.add_argument("--out", default="results/testbed/model_check")
   p.add_argument("--measure", action="store_true", help="run the testbed and the bench first")
-  p.add_argument("--rates", nargs="+", type=float, default=[10, 100])
-  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--rates", nargs="+", type=cli.positive, default=[10, 100])
+  p.add_argument("--repeats", type=cli.at_least(1), default=5)
   return p.parse_args(argv)
 
 

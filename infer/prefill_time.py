@@ -24,7 +24,6 @@ compile_s, cores (CPUs this process may run on).
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import statistics
@@ -36,14 +35,17 @@ from astra_jax.parallel import distributed
 
 
 def parse(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = cli.Parser(description=__doc__.split("\n")[0])
   p.add_argument("--model", default="gpt2:mini",
                  help="gpt2:<nano|micro|mini|small|medium|...> or vit:<mu|xs|Ti|S|B|L>/<patch>")
-  p.add_argument("--tokens", type=int, default=1024, help="sequence length (ViT: patches)")
-  p.add_argument("--mesh", type=int, default=2, help="devices on the seq axis (1: one device)")
-  p.add_argument("--batch", type=int, default=1)
-  p.add_argument("--repeats", type=int, default=5, help="timed forwards")
-  p.add_argument("--warmup", type=int, default=1, help="untimed forwards after compiling")
+  p.add_argument("--tokens", type=cli.at_least(1), default=1024,
+                 help="sequence length (ViT: patches)")
+  p.add_argument("--mesh", type=cli.at_least(1), default=2,
+                 help="devices on the seq axis (1: one device)")
+  p.add_argument("--batch", type=cli.at_least(1), default=1)
+  p.add_argument("--repeats", type=cli.at_least(1), default=5, help="timed forwards")
+  p.add_argument("--warmup", type=cli.at_least(0), default=1,
+                 help="untimed forwards after compiling")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="also write the JSON result here")
   cli.add_exchange_flags(p)

@@ -12,7 +12,6 @@ with other load on it.  The last line is one JSON object (also written to --out)
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import platform
@@ -24,11 +23,12 @@ from astra_jax.run import cli
 
 
 def parse(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = cli.Parser(description=__doc__.split("\n")[0])
   p.add_argument("--out", default=os.path.join("results", "host_profile.json"))
-  p.add_argument("--matmul-size", type=int, default=2048)
-  p.add_argument("--buffer-mib", type=int, default=256, help="size of the bandwidth buffer")
-  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--matmul-size", type=cli.at_least(1), default=2048)
+  p.add_argument("--buffer-mib", type=cli.at_least(1), default=256,
+                 help="size of the bandwidth buffer")
+  p.add_argument("--repeats", type=cli.at_least(1), default=5)
   return p.parse_args(argv)
 
 

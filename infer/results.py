@@ -31,6 +31,8 @@ import subprocess
 import sys
 from typing import Callable
 
+from astra_jax.run import cli
+
 
 @dataclasses.dataclass(frozen=True)
 class Task:
@@ -109,16 +111,16 @@ TASKS = {"vit": VIT, "gpt2": GPT2, "llama": LLAMA}
 
 
 def parse(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = cli.Parser(description=__doc__.split("\n")[0])
   p.add_argument("task", choices=sorted(TASKS))
   p.add_argument("--root", default=None, help="run folders go here (default workdir/TASK_results)")
   p.add_argument("--exact-workdir", default=None,
                  help="the exact run to start from (default ROOT/exact; e.g. workdir/vit, "
                       "the main job's run); trained or resumed as needed")
-  p.add_argument("--mesh", type=int, default=4)
-  p.add_argument("--finetune-steps", type=int, default=None,
+  p.add_argument("--mesh", type=cli.at_least(1), default=4)
+  p.add_argument("--finetune-steps", type=cli.at_least(1), default=None,
                  help="ASTRA fine-tuning steps from the exact run (default: the task's)")
-  p.add_argument("--finetune-lr", type=float, default=5e-4)
+  p.add_argument("--finetune-lr", type=cli.positive, default=5e-4)
   p.add_argument("--data-dir", default=None, help="vit: folder with the dataset files")
   p.add_argument("--only", nargs="*", default=None, help="variant names to run (default all)")
   p.add_argument("--results", default=None, help="results JSON (default: the task's file)")

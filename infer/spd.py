@@ -16,7 +16,6 @@ set, distils its sensitive blocks block-wise on training data
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 
@@ -24,10 +23,10 @@ from astra_jax.run import cli
 
 
 def parse(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = cli.Parser(description=__doc__.split("\n")[0])
   p.add_argument("--workdir", required=True, help="a run of train.vit / train.gpt2 / train.llama")
-  p.add_argument("--mesh", type=int, default=4, help="tensor-parallel devices")
-  p.add_argument("--budget", type=int, default=None,
+  p.add_argument("--mesh", type=cli.at_least(1), default=4, help="tensor-parallel devices")
+  p.add_argument("--budget", type=cli.at_least(0), default=None,
                  help="sync points to drop (default: every block that is not extremely "
                       "sensitive)")
   p.add_argument("--insensitive", type=float, default=None,
@@ -36,11 +35,12 @@ def parse(argv):
   p.add_argument("--extreme", type=float, default=None,
                  help="smallest change for 'extremely sensitive' (default 0.1 perplexity, "
                       "0.03 accuracy)")
-  p.add_argument("--distill-steps", type=int, default=200)
-  p.add_argument("--distill-lr", type=float, default=1e-4)
-  p.add_argument("--calib-batches", type=int, default=8, help="training batches whose "
+  p.add_argument("--distill-steps", type=cli.at_least(0), default=200)
+  p.add_argument("--distill-lr", type=cli.positive, default=1e-4)
+  p.add_argument("--calib-batches", type=cli.at_least(1), default=8, help="training batches whose "
                  "hidden states the distillation fits")
-  p.add_argument("--eval-windows", type=int, default=None, help="LM: validation windows")
+  p.add_argument("--eval-windows", type=cli.at_least(1), default=None,
+                 help="LM: validation windows")
   p.add_argument("--data-dir", default=None, help="ViT: dataset folder")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
@@ -69,7 +69,7 @@ def _vit_task(args) -> Task:
   from astra_jax.run import workdir
   from astra_jax.data import images as data
   from astra_jax.run.tasks import vit as task
-  cfg = workdir.load_config(args.workdir)
+  cfg = workdir.load_config(args.workdir, "vit")
   base = task.model_config(cfg)
   test = data.load_image_dataset(cfg.dataset, args.data_dir, "test")
 
@@ -97,7 +97,7 @@ def _lm_task(args) -> Task:
   from astra_jax.run import workdir
   from astra_jax.data import text as text_lib
   from astra_jax.run.tasks import lm
-  cfg = workdir.load_config(args.workdir)
+  cfg = workdir.load_config(args.workdir, "lm")
   base = lm.model_config(cfg)
   tokenizer = text_lib.load_tokenizer(cfg.tokenizer)
   train_text, valid_text = text_lib.load_splits(cfg.text)

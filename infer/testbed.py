@@ -45,18 +45,19 @@ BAND = (0.5, 1.2)
 
 
 def parse(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--procs", type=int, default=2, help="processes, one namespace each")
-  p.add_argument("--rate", type=float, default=10, help="Mbit/s of every link, each direction")
-  p.add_argument("--cores-per-proc", type=int, default=1,
+  p = cli.Parser(description=__doc__.split("\n")[0])
+  p.add_argument("--procs", type=cli.at_least(1), default=2, help="processes, one namespace each")
+  p.add_argument("--rate", type=cli.positive, default=10,
+                 help="Mbit/s of every link, each direction")
+  p.add_argument("--cores-per-proc", type=cli.at_least(1), default=1,
                  help="pin rank i to cores i*C..i*C+C-1 (0: no pinning)")
-  p.add_argument("--probe-mb", type=float, default=None,
+  p.add_argument("--probe-mb", type=cli.positive, default=None,
                  help="MB sent to measure throughput before the run (default: 2 s at --rate, "
                  "at least 2.5 MB; 0: skip)")
   p.add_argument("--check-throughput", action="store_true",
                  help=f"fail unless the measured rate is within {BAND[0]}x..{BAND[1]}x of --rate")
-  p.add_argument("--timeout", type=float, default=1800, help="seconds for the launched run")
-  p.add_argument("--grace", type=float, default=5,
+  p.add_argument("--timeout", type=cli.positive, default=1800, help="seconds for the launched run")
+  p.add_argument("--grace", type=cli.nonnegative, default=5,
                  help="seconds the launcher gives ranks between SIGTERM and SIGKILL")
   p.add_argument("--out", default=None, help="also write the JSON result here")
   p.add_argument("--cleanup", action="store_true",

@@ -10,7 +10,6 @@ and the ratio to the exact (float) exchange.  The last line is one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from astra_jax.core import axes
@@ -18,15 +17,16 @@ from astra_jax.run import cli
 
 
 def parse(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = cli.Parser(description=__doc__.split("\n")[0])
   p.add_argument("--model", default="attention", choices=["attention"],
                  help="what to compile (attention: a stack of attention layers)")
-  p.add_argument("--mesh", type=int, default=4, help="devices P on the seq axis")
-  p.add_argument("--layers", type=int, default=1)
-  p.add_argument("--batch", type=int, default=1)
-  p.add_argument("--seq-len", type=int, default=1024, help="tokens T, split T/P per device")
-  p.add_argument("--dim", type=int, default=768, help="K/V width D = heads * head_dim")
-  p.add_argument("--heads", type=int, default=12)
+  p.add_argument("--mesh", type=cli.at_least(1), default=4, help="devices P on the seq axis")
+  p.add_argument("--layers", type=cli.at_least(1), default=1)
+  p.add_argument("--batch", type=cli.at_least(1), default=1)
+  p.add_argument("--seq-len", type=cli.at_least(1), default=1024,
+                 help="tokens T, split T/P per device")
+  p.add_argument("--dim", type=cli.at_least(1), default=768, help="K/V width D = heads * head_dim")
+  p.add_argument("--heads", type=cli.at_least(1), default=12)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
   p.add_argument("--out", help="also write the JSON result here")
   cli.add_exchange_flags(p)

@@ -9,23 +9,24 @@ from the compiled program, one image per forward) and examples.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from astra_jax.run import cli
 
 
 def parse(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = cli.Parser(description=__doc__.split("\n")[0])
   p.add_argument("--workdir", required=True, help="a run folder made by train.vit")
-  p.add_argument("--mesh", type=int, default=4)
+  p.add_argument("--mesh", type=cli.at_least(1), default=4)
   p.add_argument("--exchange", default=None,
-                 help="exact | vq (default: the run's own; vq needs a vq-trained run)")
+                 help="exact | ring | vq, or a spec string such as vq:drop_rate=0.05 (default: the run's "
+                      "own; vq needs a vq-trained run and uses its codebooks)")
   p.add_argument("--class-token", choices=["distributed", "single"], default=None,
                  help="override how per-device logits are combined")
   p.add_argument("--data-dir", default=None)
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
-  p.add_argument("--batch-size", type=int, default=500)
+  p.add_argument("--step", type=cli.at_least(0), default=None,
+                 help="checkpoint step (default latest)")
+  p.add_argument("--batch-size", type=cli.at_least(1), default=500)
   p.add_argument("--out", default=None, help="also write the JSON result here")
   cli.add_link_flags(p)
   return p.parse_args(argv)
@@ -37,18 +38,17 @@ def main(argv=None):
   import dataclasses
   from astra_jax.run import workdir
   from astra_jax.data import images as data
-  from astra_jax.run.tasks import vit as task
+  from astra_jax.run.tasks import exchanges, vit as task
 
   try:
-    cfg = workdir.load_config(args.workdir)
-    if args.exchange == "vq" and cfg.exchange != "vq":
-      raise ValueError(
-          f"{args.workdir} was trained with the {cfg.exchange!r} exchange and has no "
-          "codebooks; fine-tune one first: python -m train.vit --init-from "
-          f"{args.workdir} --config.exchange=vq --workdir NEW_DIR")
+    if args.out:  # fail now, not after the evaluation
+      cli.check_writable(args.out, "--out", directory=False)
+    cfg = workdir.load_config(args.workdir, "vit")
+    exchanges.for_evaluation(cfg, args.exchange, args.workdir, "train.vit")
     target = task.model_config(cfg, args.exchange)
-    target = dataclasses.replace(
-        target, exchange=dataclasses.replace(target.exchange, drop_rate=args.drop_rate))
+    if args.drop_rate:  # else the spec's own drop_rate (default 0)
+      target = dataclasses.replace(
+          target, exchange=dataclasses.replace(target.exchange, drop_rate=args.drop_rate))
     if args.class_token:
       target = dataclasses.replace(target, class_token=args.class_token)
     sync = cli.sync_from_flags(args)

@@ -1,5 +1,6 @@
 """Checkpointer: round trips of NNX model + optimizer state, retention, errors."""
 
+import errno
 import glob
 import os
 import shutil
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -152,24 +154,146 @@ def _truncate(path):
     f.truncate(os.path.getsize(path) // 2)
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's aborted reads
+def _flip(path):
+  """XORs 16 bytes in the middle of a file: same size, different bytes."""
+  data = bytearray(open(path, "rb").read())
+  middle = len(data) // 2
+  for i in range(middle, min(middle + 16, len(data))):
+    data[i] ^= 0x5A
+  with open(path, "wb") as f:
+    f.write(data)
+
+
+def _damage(step_dir, damage, which):
+  files = [p for p in glob.glob(str(step_dir / "**" / which), recursive=True) if os.path.isfile(p)]
+  assert files
+  for p in files:
+    damage(p)
+
+
+def save_two_states(directory):
+  """Different states at steps 1 and 2; returns both."""
+  one, two = nnx.state(trained(steps=1)), nnx.state(trained(steps=2))
+  with Checkpointer(str(directory), save_every=1) as ckpt:
+    ckpt.save(1, one)
+    ckpt.save(2, two)
+  return one, two
+
+
+def one_warning(capfd) -> str:
+  """The one line a fallback writes to stderr (no reprs, no tracebacks)."""
+  lines = capfd.readouterr().err.splitlines()
+  assert len(lines) == 1 and lines[0].startswith("warning: "), lines
+  assert "<" not in lines[0] and "Traceback" not in lines[0], lines[0]
+  return lines[0]
+
+
+# orbax's aborted reads once printed "RuntimeError: Event loop is closed" (an unraisable exception)
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage, which", [
     (_garbage, "*"),  # every file in the step directory
     (_garbage, "default/d/*"),  # array data only (metadata still fine)
     (_garbage, "default/_METADATA"),
     (_truncate, "*"),
+    (_truncate, "**/d/*"),
+    (_garbage, "checksums/*"),
 ])
-def test_corrupt_step_names_step_and_previous_still_loads(tmp_path, damage, which):
-  model, opt = save_steps(tmp_path, [1, 2])
+def test_corrupt_latest_step_falls_back_to_older_one(tmp_path, capfd, damage, which):
+  one, two = save_two_states(tmp_path)
   step_dir = tmp_path / "2"
-  files = [p for p in glob.glob(str(step_dir / "**" / which), recursive=True) if os.path.isfile(p)]
-  assert files
-  for p in files:
-    damage(p)
-  with pytest.raises(CheckpointError, match=rf"{step_dir} is corrupt.*delete {step_dir} to fall back to step 1"):
+  _damage(step_dir, damage, which)
+  capfd.readouterr()
+  # a reader (evaluation, --init-from) uses step 1 and leaves step 2 in place
+  assert_same(one, restore_state(str(tmp_path), abstract()))
+  warning = one_warning(capfd)
+  assert f"checkpoint {step_dir} is corrupt (" in warning
+  assert warning.endswith("left in place, using step 1 instead")
+  assert step_dir.is_dir()
+  with pytest.raises(CheckpointError, match=rf"{step_dir} is corrupt .*pass another step "
+                     r"\(the run holds \[1, 2\]\)") as err:
+    restore_state(str(tmp_path), abstract(), step=2)
+  assert "\n" not in str(err.value) and "<" not in str(err.value)
+  # the run's own Checkpointer moves step 2 aside, so training can save it again
+  with Checkpointer(str(tmp_path), save_every=1) as ckpt:
+    capfd.readouterr()
+    assert_same(one, ckpt.restore(abstract()))
+    assert one_warning(capfd).endswith(f"moved it to {step_dir}.corrupt, using step 1 instead")
+    assert ckpt.latest_step() == 1 and (tmp_path / "2.corrupt").is_dir()
+    assert ckpt.save(2, two)
+    assert_same(two, ckpt.restore(abstract()))
+  assert capfd.readouterr().err == ""
+  assert_same(two, restore_state(str(tmp_path), abstract()))
+
+
+def test_garbled_array_bytes_are_caught_by_checksums(tmp_path, capfd):
+  """Bytes flipped inside an array orbax stores raw (random floats do not
+  compress) load without any error from orbax; the checksum catches them."""
+  rng = np.random.default_rng(0)
+  trees = [{"w": jnp.asarray(rng.normal(size=(256, 256)), jnp.float32)} for _ in range(2)]
+  with Checkpointer(str(tmp_path), save_every=1) as ckpt:
+    for step, tree in enumerate(trees, start=1):
+      ckpt.save(step, tree)
+  data = max((p for p in glob.glob(str(tmp_path / "2" / "**" / "d" / "*"), recursive=True)),
+             key=os.path.getsize)
+  _flip(data)
+  target = jax.eval_shape(lambda: trees[0])
+  capfd.readouterr()
+  assert_same(trees[0], restore_state(str(tmp_path), target))
+  assert "array 'w' does not match its saved checksum" in one_warning(capfd)
+
+
+def test_no_good_checkpoint_left_names_the_fix(tmp_path):
+  save_two_states(tmp_path)
+  for step in ("1", "2"):
+    _damage(tmp_path / step, _garbage, "*")
+  with pytest.raises(CheckpointError, match=rf"no good checkpoint left: checkpoint {tmp_path}/2 "
+                     rf"is corrupt .*\(and 1 older steps, also corrupt\); delete {tmp_path} and "
+                     "train again") as err:
     restore_state(str(tmp_path), abstract())
-  shutil.rmtree(step_dir)
+  assert "\n" not in str(err.value)
+  with Checkpointer(str(tmp_path), save_every=1) as ckpt:
+    with pytest.raises(CheckpointError, match="no good checkpoint left"):
+      ckpt.restore(abstract())
+  assert sorted(os.listdir(tmp_path)) == ["1", "2"]  # nothing moved when nothing is usable
+
+
+def test_checkpoint_without_checksums_loads_with_a_warning(tmp_path, capfd):
+  """Runs saved before checksums existed (orbax's single-item layout) still load."""
+  model, opt = trained()
+  mngr = ocp.CheckpointManager(str(tmp_path), item_handlers=ocp.StandardCheckpointHandler(),
+                               options=ocp.CheckpointManagerOptions(create=True))
+  mngr.save(1, args=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state((model, opt)))))
+  mngr.close()
+  capfd.readouterr()
   assert_same(nnx.state((model, opt)), restore_state(str(tmp_path), abstract()))
+  assert "has no checksums (saved before they existed); loaded unverified" in one_warning(capfd)
+
+
+def test_failed_background_save_names_its_step_and_leaves_no_temporary_folder(
+    tmp_path, capfd, monkeypatch):
+  """Disk full while orbax finishes a save in the background."""
+  model, opt = trained()
+  state = nnx.state((model, opt))
+  with Checkpointer(str(tmp_path), save_every=2) as ckpt:
+    assert ckpt.save(2, state)
+    ckpt.wait()
+
+    async def disk_full(self, *args, **kwargs):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", disk_full)
+    capfd.readouterr()
+    with pytest.raises(CheckpointError, match=rf"saving step 4 to {tmp_path} failed "
+                       r"\(No space left on device\); free space") as err:
+      assert ckpt.save(4, state)  # the failure surfaces here or when waiting
+      assert not ckpt.save(5, state)
+      ckpt.wait()
+    assert "\n" not in str(err.value)
+    assert glob.glob(str(tmp_path / "*tmp*")) == []
+    assert ckpt.latest_step() == 2
+    monkeypatch.undo()
+  assert capfd.readouterr().err == ""  # orbax's own tracebacks are not printed
+  assert sorted(os.listdir(tmp_path)) == ["2"]
 
 
 def test_different_config_names_key_and_shapes(tmp_path):

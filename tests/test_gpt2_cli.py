@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cli_helpers import assert_clean_errors, last_json, run
+from cli_helpers import assert_clean_errors, assert_one_line_error, last_json, run
 
 TINY = ["--config.variant=nano", "--config.context=32", "--config.batch_size=4",
         "--config.log_every=5", "--config.warmup_steps=2", "--config.eval_windows=4",
@@ -88,6 +88,17 @@ def test_bad_input_gives_clear_errors(exact_run, corpus, tmp_path):
       (["infer.gpt2", f"--workdir={workdir}", "--mesh=2"], "nothing to do"),
   ]
   assert_clean_errors(cases)
+
+
+def test_bad_config_values_fail_before_anything_is_written(corpus, tmp_path):
+  for flag, message in (("--config.steps=0", "--config.steps=0 is out of range; pass "
+                                             "--config.steps as an integer >= 1"),
+                        ("--config.batch_size=0", "--config.batch_size=0 is out of range"),
+                        ("--config.lr=-0.001", "--config.lr=-0.001 is out of range")):
+    proc = run("train.gpt2", "--mesh=1", f"--workdir={tmp_path}/run", f"--config.text={corpus}",
+               *TINY, flag)
+    assert_one_line_error(proc, 2, message)
+    assert not (tmp_path / "run").exists(), flag
 
 
 def test_results_command_reuses_exact_run(exact_run, corpus, tmp_path):

@@ -34,17 +34,25 @@ def main(argv=None):
 
   try:
     cfg = config.load(args.config, overrides)
+    training.check_settings(
+        cfg, at_least_1=("epochs", "batch_size", "checkpoint_every", "log_every",
+                         "eval_batch_size"),
+        positive=("lr",), non_negative=("weight_decay", "warmup_steps"))
+    cli.check_writable(args.workdir, "--workdir", directory=True)
     train_split = data.load_image_dataset(cfg.dataset, args.data_dir, "train")
     test_split = data.load_image_dataset(cfg.dataset, args.data_dir, "test")
     cfg.channels = int(train_split.images.shape[-1])
     cfg.num_classes = int(train_split.num_classes)
     model_cfg = task.model_config(cfg)
     task.check_mesh(model_cfg, args.mesh)
+    steps_per_epoch = len(train_split.labels) // cfg.batch_size
+    if steps_per_epoch == 0:
+      raise ValueError(f"--config.batch_size={cfg.batch_size} is more than the "
+                       f"{len(train_split.labels)} training images; pass a smaller one")
     mesh = mesh_lib.seq_mesh_or_none(args.mesh)
     ckpt = checkpoint.Checkpointer(workdir.checkpoint_dir(args.workdir),
                                    save_every=cfg.checkpoint_every)
     positions = jnp.arange(model_cfg.num_patches)
-    steps_per_epoch = len(train_split.labels) // cfg.batch_size
 
     def batch(step):
       epoch, index = divmod(step, steps_per_epoch)  # one permutation per epoch
@@ -73,7 +81,9 @@ def main(argv=None):
     model = recipe.train(model, tx, cfg=cfg, run=args.workdir, mesh=mesh, ckpt=ckpt,
                          total=total, batch_fn=batch, out_seq_dim=None,
                          items_per_step=cfg.batch_size)
-  except checkpoint.CheckpointError as e:
+  except training.Stopped as e:  # a signal (checkpoint saved) or a non-finite loss
+    cli.fail(str(e), e.code)
+  except (checkpoint.CheckpointError, OSError) as e:
     cli.fail(str(e))
   result = task.evaluate(model, cfg, model_cfg, test_split, args.mesh, cfg.eval_batch_size)
   training.MetricsLog(args.workdir).write(total, test_accuracy=result["accuracy"])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 
 HEARTBEAT_S = 10
@@ -56,6 +57,27 @@ def check(args: argparse.Namespace, mesh_size: int) -> None:
   if mesh_size % args.num_processes:
     raise ValueError(f"--mesh={mesh_size} cannot be split evenly over "
                      f"{args.num_processes} processes; use a multiple of {args.num_processes}")
+  if args.process_id == 0:
+    check_port_free(args.coordinator)
+
+
+def check_port_free(coordinator: str) -> None:
+  """ValueError naming the fix when process 0 could not bind the coordinator's
+  port (gRPC would fail deep inside XLA, in some runs with a segfault)."""
+  host, _, port = coordinator.rpartition(":")
+  try:
+    port_number = int(port)
+  except ValueError:
+    raise ValueError(f"--coordinator must be HOST:PORT with a numeric port, got "
+                     f"{coordinator!r}") from None
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is free
+    try:
+      s.bind(("", port_number))
+    except OSError as e:
+      raise ValueError(f"port {port_number} of --coordinator {coordinator} is not free "
+                       f"({e.strerror}); pick another port, stop the process holding it, "
+                       "or let python -m infer.launch choose one") from None
 
 
 def initialize(args: argparse.Namespace, mesh_size: int) -> None:

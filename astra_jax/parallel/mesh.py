@@ -49,10 +49,12 @@ def check_divisible(length: int, mesh_size: int, what: str = "sequence") -> int:
   """Tokens per device; ValueError with the fix when ``length % mesh_size``."""
   if length % mesh_size:
     lo = length - length % mesh_size
+    multiples = " or ".join(str(m) for m in (lo, lo + mesh_size) if m > 0)
+    sizes = ", ".join(str(d) for d in range(1, min(length, 64) + 1) if length % d == 0)
     raise ValueError(
         f"{what} length {length} is not divisible by the mesh size {mesh_size}; "
-        f"pad or crop it to a multiple of {mesh_size} (e.g. {lo} or "
-        f"{lo + mesh_size}), or choose a mesh size that divides {length}.")
+        f"pad or crop it to a multiple of {mesh_size} (e.g. {multiples}), or choose a "
+        f"mesh size that divides {length} ({sizes}).")
   return length // mesh_size
 
 

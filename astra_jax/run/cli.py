@@ -7,10 +7,57 @@ its device count when it starts.  The CLIs call it from their ``--mesh`` flag.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from typing import Any
+
+
+class Parser(argparse.ArgumentParser):
+  """argparse with one-line errors: ``error: argument --mesh: ...`` and exit 2,
+  without the usage block (``--help`` still prints it)."""
+
+  def error(self, message: str) -> None:  # argparse's hook for every bad flag
+    fail(f"{message} (see {self.prog} --help)")
+
+
+def at_least(minimum: int):
+  """argparse type: an integer >= ``minimum``, else a message naming the bound."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+    return value
+  parse.__name__ = f"integer >= {minimum}"
+  return parse
+
+
+def number(low: float = 0.0, high: float | None = None, *, open_low: bool = False,
+           open_high: bool = True):
+  """argparse type: a finite float in [low, high) (``open_low``: (low, ...))."""
+  def parse(text: str) -> float:
+    try:
+      value = float(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    below = value <= low if open_low else value < low
+    above = high is not None and (value >= high if open_high else value > high)
+    if value != value or below or above or value in (float("inf"), float("-inf")):
+      lo, hi = "(" if open_low else "[", ")" if open_high or high is None else "]"
+      raise argparse.ArgumentTypeError(
+          f"must be in {lo}{low:g}, {'inf' if high is None else f'{high:g}'}{hi}, got {text}")
+    return value
+  parse.__name__ = "number"
+  return parse
+
+
+positive = number(0.0, open_low=True)  # seconds, Mbit/s, learning rates
+nonnegative = number(0.0)  # temperatures, latencies
+fraction = number(0.0, 1.0)  # loss rates: 0 <= r < 1
 
 
 def ensure_cpu_devices(n: int) -> None:
@@ -39,24 +86,58 @@ def train_args(argv, *, description: str, config: str, workdir: str, extra=None)
 
   The overrides are the remaining ``--config.KEY=VAL`` arguments.
   """
-  p = argparse.ArgumentParser(description=description)
+  p = Parser(description=description)
   if extra:
     extra(p)
   p.add_argument("--config", default=config, help="a module in configs/ with get_config()")
-  p.add_argument("--mesh", type=int, default=4, help="devices on the seq axis")
+  p.add_argument("--mesh", type=at_least(1), default=4, help="devices on the seq axis")
   p.add_argument("--workdir", default=workdir)
-  p.add_argument("--init-from", default=None, help="run folder whose weights to start from")
-  p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+  p.add_argument("--init-from", default=None,
+                 help="weights to start from: a run folder, or (LMs) a pretrained model "
+                      "gguf:PATH | hf:DIR | smollm2")
+  p.add_argument("--max-steps", type=at_least(0), default=None,
+                 help="stop after this many steps (0 with --init-from: only the start, "
+                      "e.g. k-means codebooks)")
   from astra_jax.parallel import distributed
   distributed.add_flags(p)
   return p.parse_known_args(argv)
 
 
+def check_writable(path: str, flag: str, *, directory: bool) -> None:
+  """Raises ValueError (one line naming ``flag``) unless ``path`` can be written.
+
+  ``path`` is an existing folder (``directory``) or file we may write in or
+  to, or a new one under a writable folder.  Called before the work starts,
+  so a bad --out/--workdir fails in seconds, not after an evaluation.  Leaves
+  nothing on disk (it probes with a temporary file that is removed at once).
+  """
+  import tempfile
+  path = os.path.abspath(path)
+  kind = "folder" if directory else "file"
+  if os.path.exists(path) and os.path.isdir(path) != directory:
+    raise ValueError(f"{flag} {path} is a {'file' if directory else 'folder'}; pass a {kind} path")
+  parent = path if directory and os.path.isdir(path) else os.path.dirname(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f"{flag} {path} cannot be created: {parent} is a file; pass a {kind} "
+                     "path under a folder")
+  try:
+    if not directory and os.path.exists(path) and not os.access(path, os.W_OK):
+      raise PermissionError(13, os.strerror(13))
+    with tempfile.TemporaryFile(dir=parent):
+      pass
+  except OSError as e:
+    raise ValueError(f"{flag} {path} is not writable ({e.strerror} in {parent}); pass a "
+                     f"writable {kind} path") from None
+
+
 def add_exchange_flags(parser: argparse.ArgumentParser) -> None:
   g = parser.add_argument_group("exchange (how K/V cross devices)")
   g.add_argument("--exchange", default="exact", help="strategy name: exact | vq | ring")
-  g.add_argument("--groups", type=int, default=32, help="vq: groups G per K/V vector")
-  g.add_argument("--codebook-size", type=int, default=1024, help="vq: entries K per codebook")
+  g.add_argument("--groups", type=at_least(1), default=32, help="vq: groups G per K/V vector")
+  g.add_argument("--codebook-size", type=at_least(2), default=1024,
+                 help="vq: entries K per codebook")
 
 
 def add_link_flags(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +145,7 @@ def add_link_flags(parser: argparse.ArgumentParser) -> None:
   baselines and multi-process."""
   from astra_jax.parallel import distributed
   add_tp_flag(parser)
-  parser.add_argument("--drop-rate", type=float, default=0.0,
+  parser.add_argument("--drop-rate", type=fraction, default=0.0,
                       help="simulated link loss: fraction of non-local tokens' K/V (codes) "
                            "lost per exchange, masked out of attention")
   distributed.add_flags(parser)
@@ -102,13 +183,26 @@ def exchange_from_flags(args: argparse.Namespace):
 
 def print_result(result: dict[str, Any], out: str | None = None) -> None:
   """Prints ``result`` as the last line (one JSON object) and writes it to ``out``
-  (process 0 only, in multi-process runs)."""
+  (process 0 only, in multi-process runs).
+
+  The line is printed first, so a failed write (disk full) loses nothing: it
+  ends the command with a one-line error and exit status 1.
+  """
   line = json.dumps(result, sort_keys=True)
-  if out and _main_process():
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-      f.write(line + "\n")
   print(line, flush=True)
+  if out and _main_process():
+    path = os.path.abspath(out)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(tmp, "w") as f:
+        f.write(line + "\n")
+      os.replace(tmp, path)  # never a half-written file at --out
+    except OSError as e:
+      with contextlib.suppress(OSError):
+        os.remove(tmp)
+      fail(f"could not write --out {path} ({e.strerror or e}); the result is the JSON line "
+           "printed above", code=1)
 
 
 def _main_process() -> bool:

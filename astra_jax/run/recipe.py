@@ -49,8 +49,9 @@ def train(model: nnx.Module, tx, *, cfg, run: str, mesh, ckpt: checkpoint.Checkp
   ``batch_fn(step) -> ((inputs, positions), targets)`` gives host arrays;
   inputs are split along dim 1, positions along dim 0, targets along
   ``out_seq_dim`` (the outputs' layout).  Saves ``cfg`` as the run's config.json, logs to metrics.jsonl and returns the
-  trained model.  Raises ``CheckpointError`` (a ValueError naming the fix) for
-  an unreadable checkpoint before any step runs.
+  trained model.  Raises ``CheckpointError`` (a ValueError naming the fix) when
+  no checkpoint is readable, before any step runs, or a save fails, and
+  ``training.Stopped`` on SIGINT/SIGTERM or a non-finite loss.
   """
   graphdef, params, rest = apply.split_model(model)
   state = training.resume(ckpt, training.init_state(params, rest, tx), run)
@@ -62,8 +63,10 @@ def train(model: nnx.Module, tx, *, cfg, run: str, mesh, ckpt: checkpoint.Checkp
       training.classification_loss, tx)
   # each process puts only its own slice of every batch on its devices
   placed = lambda step: mesh_lib.to_global(batch_fn(step), mesh, ((1, 0), out_seq_dim))
-  state = training.fit(step_fn, state, total=total, batch_fn=placed, ckpt=ckpt,
-                       log=training.MetricsLog(run), log_every=cfg.log_every,
-                       items_per_step=items_per_step)
-  ckpt.close()
+  try:
+    state = training.fit(step_fn, state, total=total, batch_fn=placed, ckpt=ckpt,
+                         log=training.MetricsLog(run), log_every=cfg.log_every,
+                         items_per_step=items_per_step)
+  finally:
+    ckpt.close()
   return nnx.merge(graphdef, state.params, state.rest)

@@ -8,12 +8,17 @@ orbax as is and runs the same on a CPU mesh and a GPU/TPU host.
 from __future__ import annotations
 
 import json
+import math
 import os
+import signal
+import sys
+import threading
 import time
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from astra_jax.parallel import mesh as mesh_lib
@@ -39,6 +44,24 @@ def classification_loss(logits, labels):
   """Mean softmax cross-entropy and accuracy; logits [..., C], integer labels [...]."""
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+
+
+def check_settings(cfg, *, at_least_1=(), positive=(), non_negative=()) -> None:
+  """Raises ValueError, one line naming the fix, for the first config value out of range.
+
+  The train CLIs call it right after loading the config, before anything is
+  written: ``batch_size=0`` would otherwise train to a NaN loss, ``steps=0``
+  save an untrained model as a finished run.
+  """
+  rules = [(at_least_1, lambda v: v >= 1, "an integer >= 1"),
+           (positive, lambda v: v > 0, "a number > 0"),
+           (non_negative, lambda v: v >= 0, "a number >= 0")]
+  for keys, ok, what in rules:
+    for key in keys:
+      value = cfg[key]
+      if not (ok(value) and math.isfinite(value)):
+        raise ValueError(f"--config.{key}={value} is out of range; pass --config.{key} as "
+                         f"{what}")
 
 
 def init_state(params, rest, tx) -> TrainState:
@@ -71,7 +94,11 @@ def make_train_step(apply_fn: Callable, loss_fn: Callable, tx) -> Callable:
 
 
 class MetricsLog:
-  """Appends one JSON object per line to ``workdir/metrics.jsonl``."""
+  """Appends one JSON object per line to ``workdir/metrics.jsonl``.
+
+  Every line is valid JSON: non-finite numbers are written as ``null``.
+  ``rewind`` (called when training starts or resumes) keeps each step once.
+  """
 
   def __init__(self, workdir: str):
     os.makedirs(workdir, exist_ok=True)
@@ -81,19 +108,107 @@ class MetricsLog:
     if jax.process_index() != 0:  # one log per run, however many processes
       return
     row = {"step": int(step), "time": time.time()}
-    row.update({k: float(v) if hasattr(v, "__float__") else v for k, v in values.items()})
+    row.update({k: _json_value(v) for k, v in values.items()})
     with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+      f.write(json.dumps(row, allow_nan=False) + "\n")
+
+  def rewind(self, step: int) -> None:
+    """Drops rows a resumed run will write again: training rows past ``step``,
+    evaluation rows (no ``loss``) from ``step`` on, and torn lines."""
+    if jax.process_index() != 0 or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+      try:
+        row = json.loads(line)
+      except ValueError:  # half-written when a run was killed
+        continue
+      if isinstance(row, dict) and (row.get("step", 0) < step
+                                    or (row.get("step") == step and "loss" in row)):
+        kept.append(line)
+    if len(kept) == len(lines):
+      return
+    tmp = f"{self.path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+      f.write("".join(line + "\n" for line in kept))
+    os.replace(tmp, self.path)
+
+
+def _json_value(value: Any) -> Any:
+  if hasattr(value, "__float__") and not isinstance(value, (bool, int)):
+    value = float(value)
+    return value if math.isfinite(value) else None
+  return value
 
 
 def resume(ckpt, state: TrainState, workdir: str) -> TrainState:
-  """The latest checkpoint in ``ckpt`` if there is one, else ``state``."""
-  start = ckpt.latest_step()
-  if start is None:
+  """The newest good checkpoint in ``ckpt`` if there is one, else ``state``."""
+  if ckpt.latest_step() is None:
     return state
   state = ckpt.restore(jax.eval_shape(lambda: state))
-  print(f"resuming from step {start} in {workdir}", flush=True)
+  print(f"resuming from step {int(state.step)} in {workdir}", flush=True)
   return state
+
+
+class Stopped(Exception):
+  """Training ended early; ``code`` is the CLI's exit status: 128 + the signal
+  number (130 SIGINT, 143 SIGTERM) after saving a checkpoint, or 1 for a
+  non-finite loss (the last good checkpoint is kept, nothing newer saved)."""
+
+  def __init__(self, message: str, code: int):
+    super().__init__(message)
+    self.code = code
+
+
+class _StopOnSignal:
+  """SIGINT/SIGTERM ask training to stop after the step in flight; a second
+  one exits at once, without a checkpoint."""
+
+  def __enter__(self):
+    self.signum, self._previous = None, {}
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGINT, signal.SIGTERM):
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.signum is not None:
+      print(f"\nerror: second {signal.Signals(signum).name} while saving: stopped without a "
+            "checkpoint at this step", file=sys.stderr, flush=True)
+      os._exit(128 + signum)
+    self.signum = signum
+
+  def pending(self) -> bool:
+    """Whether to stop after this step; in a multi-process run the processes
+    agree (a rank that got the signal a step later must not stop a step after
+    the others, who would wait for it in the next collective)."""
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      got = multihost_utils.process_allgather(np.int32(self.signum or 0))
+      self.signum = int(np.max(got)) or None
+    return self.signum is not None
+
+  def __exit__(self, *exc_info):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _nonfinite(ckpt, step: int, what: str) -> Stopped:
+  ckpt.wait()  # the last good save, if still being written
+  last = ckpt.latest_step()
+  kept = (f"the last good checkpoint, step {last}, is kept in {ckpt.directory}" if last is not None
+          else "no checkpoint was saved before it")
+  return Stopped(f"{what} at step {step}: training stopped without saving that state; {kept}; "
+                 "lower --config.lr or check the data, then rerun to resume", code=1)
 
 
 def fit(step_fn: Callable, state: TrainState, *, total: int,
@@ -103,20 +218,45 @@ def fit(step_fn: Callable, state: TrainState, *, total: int,
 
   ``batch_fn(step) -> (inputs, targets)`` must be a pure function of the step
   (so a resumed run sees the same data).  Ends with a checkpoint at ``total``.
+  Log rows past ``state.step`` (from an interrupted run) are dropped first.
+  The loss and gradient norm are checked every step (one host sync per step),
+  the parameters before every save.
+
+  Raises:
+    Stopped: SIGINT/SIGTERM arrived (the step in flight completes and is
+      checkpointed first), or the loss, gradient norm or parameters stopped
+      being finite (that state is never saved).
+    CheckpointError: a save failed (disk full), naming its step.
   """
   from tqdm import tqdm
 
-  bar = tqdm(range(int(state.step), total), initial=int(state.step), total=total,
-             desc=desc, unit="step")
-  for step in bar:
-    inputs, targets = batch_fn(step)
-    state, metrics = step_fn(state, inputs, targets)
-    if (step + 1) % log_every == 0 or step + 1 == total:
-      m = mesh_lib.fetch(metrics)
-      bar.set_postfix({k: f"{m[k]:.3f}" for k in ("loss", "accuracy") if k in m})
-      log.write(step + 1, items_per_s=(bar.format_dict["rate"] or 0.0) * items_per_step, **m)
-    ckpt.save(step + 1, state)
-  if ckpt.latest_step() != total:
-    ckpt.save(total, state, force=True)
-  ckpt.wait()
+  start = int(state.step)
+  log.rewind(start)
+  bar = tqdm(range(start, total), initial=start, total=total, desc=desc, unit="step")
+  with _StopOnSignal() as stop, bar:
+    for step in bar:
+      inputs, targets = batch_fn(step)
+      state, metrics = step_fn(state, inputs, targets)
+      done = step + 1
+      checked = mesh_lib.fetch({k: metrics[k] for k in ("loss", "grad_norm") if k in metrics})
+      bad = [f"{k} is {float(checked[k])}" for k in ("loss", "grad_norm")
+             if k in checked and not math.isfinite(float(checked[k]))]
+      if bad:
+        raise _nonfinite(ckpt, done, ", ".join(bad))
+      stopping = stop.pending()
+      last = done == total or stopping
+      if (last or ckpt.due(done)) and not bool(_all_finite(state.params)):
+        raise _nonfinite(ckpt, done, "the parameters overflowed to inf/nan")
+      if done % log_every == 0 or done == total:
+        m = mesh_lib.fetch(metrics)
+        bar.set_postfix({k: f"{m[k]:.3f}" for k in ("loss", "accuracy") if k in m})
+        log.write(done, items_per_s=(bar.format_dict["rate"] or 0.0) * items_per_step, **m)
+      ckpt.save(done, state, force=last)
+      if stopping:
+        break
+    ckpt.wait()
+    if stop.pending():  # (also a signal that came during the last step)
+      raise Stopped(f"stopped by {signal.Signals(stop.signum).name} after step "
+                    f"{int(state.step)}: saved a checkpoint there in {ckpt.directory}; rerun "
+                    "the same command to resume", code=128 + stop.signum)
   return state

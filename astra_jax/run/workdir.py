@@ -28,17 +28,39 @@ def save_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
   os.replace(tmp, path)
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
+# what a run's config.json holds, by the key only that task writes
+_TASKS = {"vit": ("dataset", "an image classifier (train.vit; evaluate with infer.vit)"),
+          "lm": ("context", "a language model (train.gpt2 / train.llama; evaluate with "
+                            "infer.gpt2 / infer.llama)")}
+
+
+def load_config(workdir: str, task: str | None = None) -> ml_collections.ConfigDict:
+  """The run's config.json; with ``task`` ("vit" | "lm"), CheckpointError unless
+  the run is of that task (a ViT run handed to an LM CLI is named as such)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
+    hint = ""
+    if os.path.isfile(os.path.join(workdir, "model.safetensors")) or os.path.isfile(
+        os.path.join(workdir, "model.safetensors.index.json")):
+      hint = " (it looks like a Hugging Face model folder: pass it as hf:" + workdir + ")"
+    elif os.path.basename(os.path.normpath(workdir)) == "checkpoints":
+      hint = f" (pass the run folder above it: {os.path.dirname(os.path.normpath(workdir))})"
     raise checkpoint.CheckpointError(
-        f"{workdir} is not a training run (no config.json); pass the --workdir of a "
+        f"{workdir} is not a training run (no config.json){hint}; pass the --workdir of a "
         "run made by the train CLI")
   try:
     with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
+      cfg = ml_collections.ConfigDict(json.load(f))
   except (json.JSONDecodeError, OSError) as e:
-    raise checkpoint.CheckpointError(f"{path} is unreadable ({e}); retrain or restore it") from e
+    raise checkpoint.CheckpointError(
+        f"{path} is unreadable ({type(e).__name__}: {e}); retrain or restore it") from None
+  if task is not None:
+    kind = next((k for k, (key, _) in _TASKS.items() if key in cfg), None)
+    if kind != task:
+      what = _TASKS[kind][1] if kind else "of no task astra-jax knows"
+      raise checkpoint.CheckpointError(
+          f"{workdir} is a run of {what}, not {_TASKS[task][1].split(' (')[0]}")
+  return cfg
 
 
 def restore_model(run: str, build_trained, build_target,

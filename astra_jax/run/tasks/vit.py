@@ -9,22 +9,23 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from astra_jax.parallel import apply, forward, mesh as mesh_lib
 from astra_jax.core import exchange
 from astra_jax.run import training, workdir
+from astra_jax.run.tasks import exchanges
 from astra_jax.netsim import traffic
 from astra_jax.data import images as data
 from astra_jax.models import vit
 
 
-def model_config(cfg: ml_collections.ConfigDict, exchange_name: str | None = None) -> vit.ViTConfig:
-  name = exchange_name or cfg.exchange
-  options = dict(cfg.vq) if name == "vq" else {}
+def model_config(cfg: ml_collections.ConfigDict, exchange_spec: str | None = None) -> vit.ViTConfig:
+  """The run's ViT with ``exchange_spec`` (a spec string; default: the run's own)."""
   return vit.ViTConfig(variant=cfg.variant, image_size=cfg.image_size,
                        channels=cfg.channels, num_classes=cfg.num_classes,
                        class_token=cfg.class_token,
-                       exchange=exchange.make_exchange(name, **options))
+                       exchange=exchanges.from_config(cfg, exchange_spec))
 
 
 def build(model_cfg: vit.ViTConfig, seed: int = 0) -> vit.ViT:
@@ -50,7 +51,7 @@ def restore_trained(run: str, target: vit.ViTConfig | None = None,
   differs, its state is fresh (``exact`` has none; ``vq`` codebooks must then
   be calibrated, see ``astra_jax.run.calibrate``).
   """
-  cfg = workdir.load_config(run)
+  cfg = workdir.load_config(run, "vit")
   trained = model_config(cfg)
   target = target or trained
   same_arch = dataclasses.replace(target, exchange=trained.exchange,
@@ -87,7 +88,9 @@ def evaluate(model: nnx.Module, cfg, model_cfg: vit.ViTConfig, split: data.Image
 
   correct = 0
   rest = fwd.rest
-  for images, labels in data.batches(split, batch_size, rng=None, drop_remainder=False):
+  batches = data.batches(split, batch_size, rng=None, drop_remainder=False)
+  for images, labels in tqdm(batches, desc="evaluate", unit="batch", leave=False,
+                             total=-(-len(split.labels) // batch_size)):
     patches, pos, labels = fwd.place(
         (np.asarray(prepare(images, cfg, model_cfg.patch)), positions, labels), (1, 0, None))
     batch_hits, rest = hits(fwd.params, rest, patches, pos, labels)  # rest: fresh link losses
