@@ -17,24 +17,35 @@ same ``main``) and this command read either kind of run.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from astra_jax.run import cli
 
 
 def parse(argv, description=None):
-  p = argparse.ArgumentParser(description=description or __doc__.split("\n")[0])
-  p.add_argument("--workdir", required=True, help="a run folder made by train.gpt2 / train.llama")
-  p.add_argument("--mesh", type=int, default=4)
-  p.add_argument("--exchange", default=None, help="exact | vq (default: the run's own)")
+  p = cli.Parser(description=description or __doc__.split("\n")[0])
+  source = p.add_mutually_exclusive_group(required=True)
+  source.add_argument("--workdir", help="a run folder made by train.gpt2 / train.llama")
+  source.add_argument("--model", help="a pretrained model instead of a run: gguf:PATH (llama.cpp "
+                      "file), hf:DIR (transformers folder) or smollm2 (bundled)")
+  p.add_argument("--context", type=cli.at_least(1), default=None,
+                 help="--model: tokens per evaluation window (default 1024, at most the model's)")
+  p.add_argument("--text", default=None,
+                 help="--model: a UTF-8 file or folder to score and calibrate on (default: "
+                      "Shakespeare, every 8th play held out)")
+  p.add_argument("--mesh", type=cli.at_least(1), default=4)
+  p.add_argument("--exchange", default=None,
+                 help="exact | ring | vq, or a spec string such as vq:drop_rate=0.05 (default: "
+                      "the run's own; vq needs a vq-trained run and uses its codebooks)")
   p.add_argument("--eval", action="store_true", help="validation perplexity")
   p.add_argument("--prompt", default=None, help="text to continue")
-  p.add_argument("--max-new-tokens", type=int, default=100)
-  p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+  p.add_argument("--max-new-tokens", type=cli.at_least(0), default=100)
+  p.add_argument("--temperature", type=cli.nonnegative, default=0.0, help="0: greedy")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
-  p.add_argument("--eval-windows", type=int, default=None, help="default: the run's config")
+  p.add_argument("--step", type=cli.at_least(0), default=None,
+                 help="checkpoint step (default latest)")
+  p.add_argument("--eval-windows", type=cli.at_least(1), default=None,
+                 help="default: the run's config")
   p.add_argument("--out", default=None, help="also write the JSON result here")
   cli.add_link_flags(p)
   return p.parse_args(argv)
@@ -47,18 +58,28 @@ def main(argv=None, *, description: str | None = None):
   cli.setup_devices(args)
   import dataclasses
   import jax
-  from astra_jax.run import generate, workdir
+  from astra_jax.run import config, generate, workdir
   from astra_jax.data import text as text_lib
-  from astra_jax.run.tasks import lm
+  from astra_jax.run.tasks import exchanges, lm
 
   result = {}
   try:
-    cfg = workdir.load_config(args.workdir)
-    if args.exchange == "vq" and cfg.exchange != "vq":
-      raise ValueError(
-          f"{args.workdir} was trained with the {cfg.exchange!r} exchange and has no codebooks; "
-          f"fine-tune one first: python -m train.{lm.family(cfg)} --init-from {args.workdir} "
-          "--config.exchange=vq --workdir NEW_DIR")
+    if args.out:  # fail now, not after the evaluation
+      cli.check_writable(args.out, "--out", directory=False)
+    if args.model:
+      cfg = config.load("pretrained_lm", [])
+      lm.use_pretrained(cfg, args.model)
+      # default window: the config's, or the model's whole context if that is shorter
+      cfg.context = args.context or min(cfg.context, lm.model_config(cfg).context)
+      cfg.text = args.text or cfg.text
+      if args.step is not None:
+        raise ValueError("--step picks a checkpoint of a --workdir run; --model has none")
+    else:
+      if args.context or args.text:
+        raise ValueError("--context and --text are for --model; a run evaluates on the text "
+                         "and window it trained with")
+      cfg = workdir.load_config(args.workdir, "lm")
+      exchanges.for_evaluation(cfg, args.exchange, args.workdir, f"train.{lm.family(cfg)}")
     if args.drop_rate and args.prompt is not None:
       raise ValueError("--drop-rate simulates losses in the prefill forward of --eval; "
                        "generation (--prompt) does not model them: drop one of the two")
@@ -67,12 +88,19 @@ def main(argv=None, *, description: str | None = None):
       raise ValueError("--tp evaluates tensor-parallel baselines (--eval); generation "
                        "(--prompt) runs the sequence-parallel prefill: drop one of the two")
     target = lm.model_config(cfg, args.exchange)
-    target = dataclasses.replace(
-        target, exchange=dataclasses.replace(target.exchange, drop_rate=args.drop_rate))
+    if args.drop_rate:  # else the spec's own drop_rate (default 0)
+      target = dataclasses.replace(
+          target, exchange=dataclasses.replace(target.exchange, drop_rate=args.drop_rate))
     if sync is not None:
       target = dataclasses.replace(target, sync=sync)
-    cfg, model_cfg, model = lm.restore_trained(args.workdir, target, args.step)
-    tokenizer = text_lib.load_tokenizer(cfg.tokenizer)
+    tokenizer = lm.load_tokenizer(cfg)
+    if args.model:
+      model_cfg, model = target, lm.load_pretrained(args.model, target)
+      if model_cfg.exchange.name == "vq":  # ASTRA zero-shot: k-means codebooks only
+        train_text, _ = text_lib.load_splits(cfg.text)
+        lm.kmeans_codebooks(model, cfg, lm.token_ids(train_text, tokenizer))
+    else:
+      cfg, model_cfg, model = lm.restore_trained(args.workdir, target, args.step)
     if args.eval:
       _, valid_text = text_lib.load_splits(cfg.text)
       result = lm.evaluate(model, cfg, model_cfg, lm.token_ids(valid_text, tokenizer),
@@ -84,6 +112,8 @@ def main(argv=None, *, description: str | None = None):
             flush=True)
     if args.prompt is not None:
       prompt = tokenizer.encode(args.prompt)
+      if not prompt:
+        raise ValueError("--prompt is empty; give the text to continue, e.g. --prompt \"ROMEO:\"")
       stream = generate.generate(model, prompt, args.max_new_tokens, mesh_size=args.mesh,
                                  context=cfg.context, temperature=args.temperature,
                                  key=jax.random.PRNGKey(args.seed))
@@ -107,7 +137,7 @@ def main(argv=None, *, description: str | None = None):
                     completion=tokenizer.decode(new), decoded_by_process=owner)
   except ValueError as e:
     cli.fail(str(e))
-  cli.print_result(dict(result, workdir=args.workdir, mesh=args.mesh,
+  cli.print_result(dict(result, workdir=args.workdir, model=args.model, mesh=args.mesh,
                         exchange=model_cfg.exchange.name), args.out)
 
 

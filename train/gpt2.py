@@ -5,8 +5,10 @@ with its own default config and workdir); the config's ``family`` picks it.
 
   --config NAME      a module in configs/ (default gpt2_shakespeare)
   --workdir DIR      config.json, checkpoints/, metrics.jsonl; rerunning resumes
-  --init-from DIR    start from another run's weights (ASTRA fine-tuning with
-                     --config.exchange=vq: k-means codebooks from its own K/V)
+  --init-from SRC    start from another run's weights (a run folder) or a pretrained
+                     model (gguf:PATH, hf:DIR, smollm2; the config then defaults to
+                     configs/pretrained_lm and the model's tokenizer is used); with
+                     --config.exchange=vq the codebooks start by k-means on its own K/V
   --config.KEY=VAL   typed overrides, e.g. --config.steps=300 --config.vq.groups=16
 
 The last line printed is one JSON object with the validation perplexity.
@@ -25,19 +27,33 @@ def main(argv=None, *, config: str = "gpt2_shakespeare", workdir: str = "workdir
   args, overrides = cli.train_args(
       sys.argv[1:] if argv is None else argv, config=config, workdir=workdir,
       description=f"Train {name} with ASTRA sequence parallelism.")
+  default_config = config  # (the name is taken by the config module below)
   cli.setup_devices(args)
   import jax.numpy as jnp
   import numpy as np
-  from astra_jax.io import checkpoint
+  from astra_jax.io import checkpoint, pretrained
   from astra_jax.run import config, recipe, training, workdir
   from astra_jax.parallel import mesh as mesh_lib
   from astra_jax.data import text as text_lib
   from astra_jax.run.tasks import lm
 
   try:
-    cfg = config.load(args.config, overrides)
-    tokenizer = text_lib.load_tokenizer(cfg.tokenizer)
-    cfg.vocab_size = int(tokenizer.vocab_size)
+    from_checkpoint = pretrained.is_spec(args.init_from)
+    # a pretrained start takes its own recipe unless --config names another
+    cfg = config.load("pretrained_lm" if from_checkpoint and args.config == default_config
+                      else args.config, overrides)
+    if from_checkpoint:
+      lm.use_pretrained(cfg, args.init_from)
+    elif args.init_from:  # a run folder, checked before anything is written
+      workdir.load_config(args.init_from, "lm")
+    training.check_settings(
+        cfg, at_least_1=("steps", "batch_size", "context", "checkpoint_every", "log_every",
+                         "eval_batch_size", "eval_windows", "kmeans_tokens"),
+        positive=("lr",), non_negative=("weight_decay", "warmup_steps"))
+    cli.check_writable(args.workdir, "--workdir", directory=True)
+    tokenizer = lm.load_tokenizer(cfg)
+    if not cfg.get("model"):  # a pretrained model keeps its own (possibly padded) vocabulary
+      cfg.vocab_size = int(tokenizer.vocab_size)
     train_text, valid_text = text_lib.load_splits(cfg.text)
     train_ids, valid_ids = lm.token_ids(train_text, tokenizer), lm.token_ids(valid_text, tokenizer)
     model_cfg = lm.model_config(cfg)
@@ -54,7 +70,8 @@ def main(argv=None, *, config: str = "gpt2_shakespeare", workdir: str = "workdir
 
     model = recipe.start_model(
         init_from=args.init_from, ckpt=ckpt, build=lambda: lm.build(model_cfg, cfg.seed),
-        restore=lambda run: lm.restore_trained(run, model_cfg)[2], exchange=cfg.exchange,
+        restore=(lambda spec: lm.load_pretrained(spec, model_cfg)) if from_checkpoint
+        else (lambda run: lm.restore_trained(run, model_cfg)[2]), exchange=cfg.exchange,
         calib_batches=lambda: (batch(10**9 + i)[0] for i in range(10**6)),  # unseen windows
         seed=cfg.seed, kmeans_tokens=cfg.kmeans_tokens)
     total = cfg.steps if args.max_steps is None else min(cfg.steps, args.max_steps)
@@ -64,7 +81,9 @@ def main(argv=None, *, config: str = "gpt2_shakespeare", workdir: str = "workdir
     model = recipe.train(model, lm.make_optimizer(cfg, total), cfg=cfg, run=args.workdir,
                          mesh=mesh, ckpt=ckpt, total=total, batch_fn=batch, out_seq_dim=1,
                          items_per_step=cfg.batch_size * cfg.context)
-  except checkpoint.CheckpointError as e:
+  except training.Stopped as e:  # a signal (checkpoint saved) or a non-finite loss
+    cli.fail(str(e), e.code)
+  except (checkpoint.CheckpointError, OSError) as e:
     cli.fail(str(e))
   result = lm.evaluate(model, cfg, model_cfg, valid_ids, args.mesh, cfg.eval_batch_size,
                        cfg.eval_windows)

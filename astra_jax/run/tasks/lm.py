@@ -19,12 +19,15 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from tqdm import tqdm
 
 from astra_jax.parallel import apply, forward, mesh as mesh_lib
 from astra_jax.core import exchange
-from astra_jax.run import training, workdir
+from astra_jax.run import calibrate, training, workdir
+from astra_jax.run.tasks import exchanges
 from astra_jax.netsim import traffic
 from astra_jax.data import text as text_lib
+from astra_jax.io import pretrained
 from astra_jax.models import gpt2, llama
 
 ModelConfig = gpt2.GPT2Config | llama.LlamaConfig
@@ -42,12 +45,67 @@ def family(cfg: ml_collections.ConfigDict) -> str:
   return name
 
 
-def model_config(cfg: ml_collections.ConfigDict, exchange_name: str | None = None) -> ModelConfig:
-  name = exchange_name or cfg.exchange
-  options = dict(cfg.vq) if name == "vq" else {}
+def model_config(cfg: ml_collections.ConfigDict, exchange_spec: str | None = None) -> ModelConfig:
+  """The run's model with ``exchange_spec`` (a spec string; default: the run's own).
+
+  A run started from a pretrained checkpoint (``cfg.model``: gguf:PATH, hf:DIR
+  or a bundled name) has that checkpoint's architecture, read from its
+  metadata; ``cfg.context`` is then the window it trains and evaluates on.
+  """
+  ex = exchanges.from_config(cfg, exchange_spec)
+  if cfg.get("model"):
+    source = pretrained.parse(cfg.model)
+    model_cfg = pretrained.model_config(source, ex)
+    if cfg.context > model_cfg.context:
+      raise ValueError(f"--config.context={cfg.context} exceeds {cfg.model}'s context of "
+                       f"{model_cfg.context} tokens; use a window of at most {model_cfg.context}")
+    return model_cfg
   config_cls, _, _ = FAMILIES[family(cfg)]
   return config_cls(variant=cfg.variant, vocab_size=cfg.vocab_size, context=cfg.context,
-                    exchange=exchange.make_exchange(name, **options))
+                    exchange=ex)
+
+
+def use_pretrained(cfg: ml_collections.ConfigDict, spec: str) -> None:
+  """Points ``cfg`` at the pretrained model ``spec``: its family, vocabulary and
+  tokenizer (in place; PretrainedError naming the fix for a bad spec)."""
+  source = pretrained.parse(spec)
+  cfg.model = spec
+  cfg.family = pretrained.family(source)
+  cfg.tokenizer = spec
+  cfg.variant = "pretrained"
+  cfg.vocab_size = int(pretrained.model_config(source).vocab_size)
+
+
+def load_pretrained(spec: str, target: ModelConfig) -> nnx.Module:
+  """The weights of the pretrained model ``spec`` in a model built for ``target``
+  (which may differ in its exchange, whose state starts fresh, and its sync)."""
+  loaded_cfg, loaded = pretrained.load(pretrained.parse(spec))
+  same = dataclasses.replace(target, exchange=loaded_cfg.exchange, sync=loaded_cfg.sync)
+  if same != loaded_cfg:
+    raise ValueError(f"{spec} does not hold the model this run describes; start a new "
+                     "--workdir for it")
+  graphdef, _, rest = apply.split_model(build(target))
+  _, params, _ = apply.split_model(loaded)
+  return nnx.merge(graphdef, params, rest)
+
+
+def kmeans_codebooks(model: nnx.Module, cfg: ml_collections.ConfigDict, ids: np.ndarray) -> None:
+  """ASTRA's codebook start: k-means on ``model``'s own K/V over ``cfg.kmeans_tokens``
+  tokens of random ``cfg.context`` windows of ``ids`` (training text), in place."""
+  rng = np.random.default_rng([cfg.seed, 10**9])
+  positions = jnp.arange(cfg.context)
+  windows = ((jnp.asarray(text_lib.random_windows(ids, 1, cfg.context, rng)[0]), positions)
+             for _ in range(-(-cfg.kmeans_tokens // cfg.context)))
+  calibrate.kmeans_codebooks(model, windows, jax.random.PRNGKey(cfg.seed),
+                             max_tokens=cfg.kmeans_tokens)
+
+
+def load_tokenizer(cfg: ml_collections.ConfigDict) -> text_lib.Tokenizer:
+  """The run's tokenizer: a pretrained model's own, else ``cfg.tokenizer`` ('byte'
+  or a folder with tokenizer files)."""
+  if pretrained.is_spec(cfg.tokenizer):
+    return pretrained.tokenizer(pretrained.parse(cfg.tokenizer))
+  return text_lib.load_tokenizer(cfg.tokenizer)
 
 
 def build(model_cfg: ModelConfig, seed: int = 0) -> nnx.Module:
@@ -71,12 +129,13 @@ def make_optimizer(cfg, total_steps: int):
 
 def restore_trained(run: str, target: ModelConfig | None = None, step: int | None = None):
   """(cfg, model config, model) from a run; ``target`` may change only the exchange."""
-  cfg = workdir.load_config(run)
+  cfg = workdir.load_config(run, "lm")
   trained = model_config(cfg)
   target = target or trained
   if (type(target) is not type(trained)
       or dataclasses.replace(target, exchange=trained.exchange, sync=trained.sync) != trained):
-    raise ValueError(f"{run} holds {FAMILIES[family(cfg)][2]} {trained.variant} (vocab "
+    what = cfg.get("model") or trained.variant
+    raise ValueError(f"{run} holds {FAMILIES[family(cfg)][2]} {what} (vocab "
                      f"{trained.vocab_size}, context {trained.context}); the requested model "
                      "differs in more than the exchange or the tensor-parallel sync")
   tx = make_optimizer(cfg, 2)
@@ -111,7 +170,8 @@ def evaluate(model: nnx.Module, cfg, model_cfg: ModelConfig, ids: np.ndarray,
 
   total, count = 0.0, 0
   rest = fwd.rest
-  for inputs, targets in text_lib.eval_windows(ids, batch_size, cfg.context, windows):
+  for inputs, targets in tqdm(text_lib.eval_windows(ids, batch_size, cfg.context, windows),
+                              desc="evaluate", unit="batch", leave=False):
     inputs, pos, targets_ = fwd.place((inputs, positions, targets), (1, 0, 1))
     batch_nll, rest = nll(fwd.params, rest, inputs, pos, targets_)  # rest: fresh link losses
     total += float(mesh_lib.fetch(batch_nll))
