@@ -58,6 +58,7 @@ def main(argv=None, *, description: str | None = None):
   cli.setup_devices(args)
   import dataclasses
   import jax
+  from astra_jax.io import pretrained
   from astra_jax.run import config, generate, workdir
   from astra_jax.data import text as text_lib
   from astra_jax.run.tasks import exchanges, lm
@@ -70,7 +71,8 @@ def main(argv=None, *, description: str | None = None):
       cfg = config.load("pretrained_lm", [])
       lm.use_pretrained(cfg, args.model)
       # default window: the config's, or the model's whole context if that is shorter
-      cfg.context = args.context or min(cfg.context, lm.model_config(cfg).context)
+      model_context = pretrained.model_config(pretrained.parse(args.model)).context
+      cfg.context = args.context or min(cfg.context, model_context)
       cfg.text = args.text or cfg.text
       if args.step is not None:
         raise ValueError("--step picks a checkpoint of a --workdir run; --model has none")

@@ -3,6 +3,7 @@
   python -m infer.results vit  --exact-workdir workdir/vit    # ViT, Fashion-MNIST, mesh 4
   python -m infer.results gpt2 --exact-workdir workdir/gpt2   # GPT-2, Shakespeare, mesh 4
   python -m infer.results llama --exact-workdir workdir/llama # tiny Llama 3, same data
+  python -m infer.results smollm2 --eval-windows 25 --only vq_g32_kmeans  # SmolLM2-135M
 
 Trains the exact model (or resumes/reuses ``--exact-workdir``, e.g. the run of
 ``python -m train.<task> --mesh=4``), evaluates it on one device and at the
@@ -19,6 +20,15 @@ parallelism, Flash Communication INT8/INT4, and SPD with the drop set
 RESULTS.md after every row.  Finished runs in ``--root`` are only re-evaluated
 (the train CLI resumes at their last step); ``--only NAME ...`` runs those rows
 and keeps the others from the previous results file.
+
+``smollm2`` starts from the bundled pretrained SmolLM2-135M-Instruct instead of
+an exact run (``--model smollm2``; held-out Shakespeare, 1024-token windows,
+``--eval-windows`` of them): the exact rows evaluate the checkpoint, the
+k-means-only rows evaluate it zero-shot with codebooks from its own K/V
+(``infer.llama --model smollm2 --exchange vq:...``), the fine-tuned rows are
+``train.llama --init-from smollm2``, and the link-loss rows use the fine-tuned
+G=32 run if there is one, else the zero-shot G=32 model.  Baselines and SPD
+are not run for it.
 """
 
 from __future__ import annotations
@@ -49,6 +59,8 @@ class Task:
   # simulated link loss: the G=32 run evaluated with these fractions of codes lost
   loss_rates: tuple = (0.01, 0.05, 0.1)
   default_steps: int = 200
+  model: str | None = None  # a pretrained model (infer --model, train --init-from) instead
+  # of an exact run trained first
   # the other systems, evaluated on the exact run: (name, label, infer flags);
   # "spd" rows come from python -m infer.spd (drop set picked, then distilled)
   baselines: list = (
@@ -107,7 +119,12 @@ LLAMA = dataclasses.replace(
     variants=[v for v in GPT2.variants if v[0] in ("vq_g32", "vq_g1", "exact_ft")],
     results="results/llama_shakespeare.json")
 
-TASKS = {"vit": VIT, "gpt2": GPT2, "llama": LLAMA}
+SMOLLM2 = dataclasses.replace(
+    LLAMA, model="smollm2", results="results/smollm2_shakespeare.json", default_steps=100,
+    finetune=lambda steps, lr: [f"--config.steps={steps}", f"--config.lr={lr}"],
+    variants=[v for v in GPT2.variants if v[0] != "exact_ft"], baselines=())
+
+TASKS = {"vit": VIT, "gpt2": GPT2, "llama": LLAMA, "smollm2": SMOLLM2}
 
 
 def parse(argv):
@@ -120,7 +137,10 @@ def parse(argv):
   p.add_argument("--mesh", type=cli.at_least(1), default=4)
   p.add_argument("--finetune-steps", type=cli.at_least(1), default=None,
                  help="ASTRA fine-tuning steps from the exact run (default: the task's)")
-  p.add_argument("--finetune-lr", type=cli.positive, default=5e-4)
+  p.add_argument("--finetune-lr", type=cli.positive, default=None,
+                 help="default 5e-4, and 5e-5 for a pretrained model")
+  p.add_argument("--eval-windows", type=cli.at_least(1), default=None,
+                 help="LM: validation windows scored per row (default: the config's)")
   p.add_argument("--data-dir", default=None, help="vit: folder with the dataset files")
   p.add_argument("--only", nargs="*", default=None, help="variant names to run (default all)")
   p.add_argument("--results", default=None, help="results JSON (default: the task's file)")
@@ -135,7 +155,7 @@ def parse(argv):
   if args.only is not None:
     task = TASKS[args.task]
     names = [v[0] for v in task.variants] + [loss_name(r) for r in task.loss_rates] + \
-        [b[0] for b in task.baselines] + list(SPD_ROWS)
+        [b[0] for b in task.baselines] + ([] if task.model else list(SPD_ROWS))
     unknown = set(args.only) - set(names)
     if unknown:
       p.error(f"unknown variants {sorted(unknown)}; choose from {names}")
@@ -194,8 +214,14 @@ def main(argv=None):
   task = TASKS[args.task]
   data = [f"--data-dir={args.data_dir}"] if args.data_dir else []
   mesh = f"--mesh={args.mesh}"
+  windows = [f"--eval-windows={args.eval_windows}"] if args.eval_windows else []
   exact_dir = args.exact_workdir or os.path.join(args.root, "exact")
-  _run(task.train, mesh, f"--workdir={exact_dir}", *data, *args.extra)
+  if task.model:  # the pretrained checkpoint is the exact model
+    start, source = [f"--model={task.model}"], [f"--init-from={task.model}"]
+    windows_cfg = [f"--config.eval_windows={args.eval_windows}"] if args.eval_windows else []
+  else:
+    _run(task.train, mesh, f"--workdir={exact_dir}", *data, *args.extra)
+    start, source, windows_cfg = [f"--workdir={exact_dir}"], [f"--init-from={exact_dir}"], []
   # with --only, rows of the other variants are kept from the previous results file
   fresh = {"single_device", "exact", *(args.only or ())}  # evaluated again below
   if fresh & set(SPD_ROWS):  # one infer.spd run makes both SPD rows
@@ -203,7 +229,7 @@ def main(argv=None):
   kept = [] if args.only is None or not os.path.exists(args.results) else [
       r for r in json.load(open(args.results))["rows"] if r["name"] not in fresh]
   rows = []
-  evaluate = [*task.infer, f"--workdir={exact_dir}", *data]
+  evaluate = [*task.infer, *start, *data, *windows]
   rows.append(dict(_run(*evaluate, "--mesh=1"), name="single_device", label="single device"))
   rows.append(dict(_run(*evaluate, mesh), name="exact",
                    label=f"exact sequence parallel (P={args.mesh})"))
@@ -211,9 +237,16 @@ def main(argv=None):
   for name, label, overrides, finetune in task.variants:
     if args.only is not None and name not in args.only:
       continue
-    steps = task.finetune(args.finetune_steps, args.finetune_lr) if finetune else ["--max-steps=0"]
+    if task.model and not finetune:  # zero-shot: k-means codebooks in the infer CLI
+      spec = "vq:" + ",".join(o.removeprefix("--config.vq.") for o in overrides)
+      result = _run(*evaluate, mesh, f"--exchange={spec}")
+      rows.append(dict(result, name=name, label=label))
+      write(args, task, rows, kept)
+      continue
+    lr = args.finetune_lr or (5e-5 if task.model else 5e-4)
+    steps = task.finetune(args.finetune_steps, lr) if finetune else ["--max-steps=0"]
     result = _run(task.train, mesh, f"--workdir={os.path.join(args.root, name)}",
-                  f"--init-from={exact_dir}", "--config.exchange=vq", *steps, *overrides,
+                  *source, "--config.exchange=vq", *steps, *overrides, *windows_cfg,
                   *data, *args.extra)
     rows.append(dict(result, name=name, label=label))
     write(args, task, rows, kept)  # after every row, so a long run leaves a usable table
@@ -222,17 +255,23 @@ def main(argv=None):
     name = loss_name(rate)
     if args.only is not None and name not in args.only:
       continue
-    if not os.path.isdir(g32):
+    if os.path.isdir(g32):
+      result = _run(*task.infer, f"--workdir={g32}", mesh, f"--drop-rate={rate}", *data,
+                    *windows)
+      label = f"ASTRA G=32, {rate:.0%} of codes lost"
+    elif task.model:
+      result = _run(*evaluate, mesh, "--exchange=vq:groups=32", f"--drop-rate={rate}")
+      label = f"ASTRA G=32 zero-shot (k-means only), {rate:.0%} of codes lost"
+    else:
       print(f"skipping {name}: no ASTRA G=32 run in {g32}", flush=True)
       continue
-    result = _run(*task.infer, f"--workdir={g32}", mesh, f"--drop-rate={rate}", *data)
-    rows.append(dict(result, name=name, label=f"ASTRA G=32, {rate:.0%} of codes lost"))
+    rows.append(dict(result, name=name, label=label))
     write(args, task, rows, kept)
   for name, label, flags in task.baselines:
     if args.only is None or name in args.only:
       rows.append(dict(_run(*evaluate, mesh, *flags), name=name, label=label))
       write(args, task, rows, kept)
-  if args.only is None or set(args.only) & set(SPD_ROWS):
+  if not task.model and (args.only is None or set(args.only) & set(SPD_ROWS)):
     rows += spd_rows(task, _run("infer.spd", f"--workdir={exact_dir}", mesh, *data))
     write(args, task, rows, kept)
   print(table(task, order(task, rows + kept)))

@@ -40,8 +40,14 @@ class Source:
 
 
 def is_spec(text: str | None) -> bool:
-  """Whether ``text`` names a pretrained model (rather than a run folder)."""
-  return bool(text) and (text in BUNDLED or text.partition(":")[0] in SCHEMES)
+  """Whether ``text`` names a pretrained model rather than a run folder: a bundled
+  name, ``scheme:...``, or any ``word:...`` that is no existing path (so a
+  mistyped scheme gets ``parse``'s message, not "no such run")."""
+  if not text:
+    return False
+  scheme, sep, _ = text.partition(":")
+  return text in BUNDLED or scheme in SCHEMES or (
+      bool(sep) and scheme.isalnum() and not os.path.exists(text))
 
 
 def bundled_path(name: str) -> str:

@@ -54,10 +54,14 @@ def load_config(workdir: str, task: str | None = None) -> ml_collections.ConfigD
   except (json.JSONDecodeError, OSError) as e:
     raise checkpoint.CheckpointError(
         f"{path} is unreadable ({type(e).__name__}: {e}); retrain or restore it") from None
+  if "model_type" in cfg or "architectures" in cfg:
+    raise checkpoint.CheckpointError(
+        f"{workdir} is not a training run (it looks like a Hugging Face model folder: pass it "
+        f"as hf:{workdir})")
   if task is not None:
     kind = next((k for k, (key, _) in _TASKS.items() if key in cfg), None)
     if kind != task:
-      what = _TASKS[kind][1] if kind else "of no task astra-jax knows"
+      what = _TASKS[kind][1] if kind else "no task astra-jax knows"
       raise checkpoint.CheckpointError(
           f"{workdir} is a run of {what}, not {_TASKS[task][1].split(' (')[0]}")
   return cfg
