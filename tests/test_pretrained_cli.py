@@ -15,17 +15,12 @@ import pytest
 pytest.importorskip("safetensors", reason="needs safetensors: .venv/bin/python -m pip install "
                     "safetensors")
 tokenizers = pytest.importorskip("tokenizers")
-from safetensors.numpy import save_file  # noqa: E402
-
 from cli_helpers import last_json, run  # noqa: E402
+from test_hf_llama import _hf_config, _hf_tensors, _write  # noqa: E402
 from test_bad_input import _fails_cleanly  # noqa: E402
 
 VOCAB = 300
-CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": VOCAB,
-          "hidden_size": 24, "intermediate_size": 40, "num_hidden_layers": 2,
-          "num_attention_heads": 6, "num_key_value_heads": 3, "max_position_embeddings": 64,
-          "rms_norm_eps": 1e-6, "hidden_act": "silu", "tie_word_embeddings": False,
-          "rope_theta": 10000.0}
+CONFIG = _hf_config(vocab_size=VOCAB, max_position_embeddings=64)
 TINY = ["--config.context=32", "--config.batch_size=2", "--config.log_every=1",
         "--config.warmup_steps=1", "--config.eval_windows=2", "--config.eval_batch_size=2",
         "--config.kmeans_tokens=128", "--config.vq.groups=4", "--config.vq.codebook_size=16"]
@@ -40,24 +35,9 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_folder(corpus, tmp_path_factory):
-  """A random tiny Llama as transformers saves it, with a byte-level BPE tokenizer."""
-  folder = tmp_path_factory.mktemp("hf") / "tiny-llama"
-  folder.mkdir()
-  (folder / "config.json").write_text(json.dumps(CONFIG))
-  rng = np.random.default_rng(0)
-  d, f, hd = CONFIG["hidden_size"], CONFIG["intermediate_size"], 4
-  kv = CONFIG["num_key_value_heads"] * hd
-  shapes = {"model.embed_tokens.weight": (VOCAB, d), "model.norm.weight": (d,),
-            "lm_head.weight": (VOCAB, d)}
-  for i in range(CONFIG["num_hidden_layers"]):
-    for name, shape in [("self_attn.q_proj", (d, d)), ("self_attn.k_proj", (kv, d)),
-                        ("self_attn.v_proj", (kv, d)), ("self_attn.o_proj", (d, d)),
-                        ("mlp.gate_proj", (f, d)), ("mlp.up_proj", (f, d)),
-                        ("mlp.down_proj", (d, f)), ("input_layernorm", (d,)),
-                        ("post_attention_layernorm", (d,))]:
-      shapes[f"model.layers.{i}.{name}.weight"] = shape
-  save_file({k: (0.3 * rng.normal(size=s)).astype(np.float32) for k, s in shapes.items()},
-            str(folder / "model.safetensors"))
+  """A random tiny Llama as transformers saves it (tests/test_hf_llama.py's), with a
+  byte-level BPE tokenizer trained on the corpus."""
+  folder = _write(tmp_path_factory.mktemp("hf") / "tiny-llama", CONFIG, _hf_tensors(CONFIG))
   tok = tokenizers.ByteLevelBPETokenizer()
   tok.train_from_iterator(corpus.read_text().splitlines(), vocab_size=VOCAB, min_frequency=1,
                           show_progress=False)
