@@ -83,8 +83,9 @@ case "$mode" in
     exec .venv/bin/python -m train.vit --mesh=4 "$@" ;;
   test)
     hf_reference_venv
-    # two workers (compile time dominates; one per core), slowest tests printed
-    exec .venv/bin/python -m pytest -q -n 2 --dist loadgroup --durations=15 "$@" ;;
+    # two workers (one per core); a file's tests stay on one worker, so its module
+    # fixtures (trained runs, the SmolLM2 reference) are built once; slowest printed
+    exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 "$@" ;;
   test-slow)
     exec .venv/bin/python -m pytest -q -m slow "$@" ;;
   *)

@@ -55,7 +55,7 @@ def test_measured_compute_and_paper_comparison(tmp_path, capsys):
     (["--models", "vit-z"], "unknown model"),
     (["--profiles", "tpu"], "unknown device profile"),
     (["--profiles", "host", "--host-profile", "/nonexistent.json"], "infer.profile_host"),
-    (["--tiny", "--bandwidths", "0"], "must be positive"),
+    (["--tiny", "--bandwidths", "0"], "argument --bandwidths: must be in (0, inf), got 0"),
     (["--tiny", "--topology", "ring"], "unknown topology"),
     (["--tiny", "--trace", "0-10"], "SECONDS:MBITS"),
     (["--tiny", "--mesh", "3"], "not divisible by the mesh size 3"),

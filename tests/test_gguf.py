@@ -19,7 +19,7 @@ where whitespace runs into a digit (``"\n\n   1."``) its ids differ from ours
 spot; ``test_tokenizer_special_tokens_and_round_trip`` pins ours.
 
 The SmolLM2 tests share module fixtures (one load, one reference run): run them
-on one xdist worker (``-n 2 --dist loadgroup``; they carry ``xdist_group``).
+on one xdist worker (``--dist loadfile``, as ``bash setup.sh test`` runs them).
 """
 
 import importlib.util

@@ -119,7 +119,7 @@ def test_interrupt_removes_everything():
 @needs_netns
 def test_cleanup_removes_a_crashed_testbed():
   crashed = subprocess.run(
-      [sys.executable, "-c", "import os; from astra_jax import netns; "
+      [sys.executable, "-c", "import os; from astra_jax.netsim import netns; "
        "tb = netns.Testbed(2, 10).__enter__(); print(tb.owner, flush=True); os._exit(0)"],
       capture_output=True, text=True, timeout=60)
   owner = int(crashed.stdout.split()[0])

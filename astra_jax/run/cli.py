@@ -18,6 +18,13 @@ class Parser(argparse.ArgumentParser):
   """argparse with one-line errors: ``error: argument --mesh: ...`` and exit 2,
   without the usage block (``--help`` still prints it)."""
 
+  def __init__(self, *args, **kwargs):
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and "prog" not in kwargs:  # `python -m infer.gpt2`, not gpt2.py
+      kwargs["prog"] = f"python -m {spec.name}"
+    super().__init__(*args, **kwargs)
+
   def error(self, message: str) -> None:  # argparse's hook for every bad flag
     fail(f"{message} (see {self.prog} --help)")
 
