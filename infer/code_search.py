@@ -18,12 +18,14 @@ medians of ``--repeats`` runs after a warm-up (``workloads._time``):
 
 Before JAX starts the process pins itself to one core (``--core``, default
 the first it may use) and XLA:CPU to one thread, so the numbers are one
-device's single-core times; ratios come from the same run.  Runs the default
-9 rows in about 1-2 minutes on one core of a 2-core Xeon (most of it in the
-reference search).  Prints one line per row (times in ms, encode K+V / layer
-for both searches, the speed-up, and whether both searches gave the same
-codes), then one JSON object (``rows``, ``core``, ``jax``) as its last line,
-also written to ``--out``.
+device's single-core times; ratios come from the same run (other jobs on the
+machine move them by tens of percent).  The default 9 rows take about a
+minute on one core of this project's 2-core Xeon, most of it in the
+reference search and compiling.  Prints one line per row (times in ms,
+encode K+V / layer for both searches, the speed-up, whether both searches
+gave the same codes), then one JSON object (``rows``, ``core``, ``jax``,
+``median_speedup``) as its last line, also written to ``--out``; exits 1 if
+any row's codes differ.
 """
 
 from __future__ import annotations
