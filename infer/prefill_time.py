@@ -115,7 +115,7 @@ def slowest(times: list[float]) -> list[float]:
 
 def measure(args) -> dict:
   import jax
-  from astra_jax.parallel import apply, forward, mesh as mesh_lib
+  from astra_jax.parallel import forward, mesh as mesh_lib
   from astra_jax.netsim import traffic
   exchange = cli.exchange_from_flags(args)
   sync = cli.sync_from_flags(args)

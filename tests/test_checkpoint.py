@@ -3,7 +3,6 @@
 import errno
 import glob
 import os
-import shutil
 from typing import NamedTuple
 
 import jax

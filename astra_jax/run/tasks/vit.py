@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from astra_jax.parallel import apply, forward, mesh as mesh_lib
+from astra_jax.parallel import forward, mesh as mesh_lib
 from astra_jax.core import exchange
 from astra_jax.run import training, workdir
 from astra_jax.run.tasks import exchanges
