@@ -196,7 +196,11 @@ def print_result(result: dict[str, Any], out: str | None = None) -> None:
   ends the command with a one-line error and exit status 1.
   """
   line = json.dumps(result, sort_keys=True)
-  print(line, flush=True)
+  # one write, newline included: with unbuffered output (PYTHONUNBUFFERED) print()
+  # writes the text and the newline apart, and a C++ log line (gloo) on the same
+  # pipe could land between them
+  sys.stdout.write(line + "\n")
+  sys.stdout.flush()
   if out and _main_process():
     path = os.path.abspath(out)
     tmp = f"{path}.{os.getpid()}.tmp"
