@@ -72,7 +72,7 @@ def load_gpt2(folder: str | os.PathLike,
               exchange: Exchange = ExactExchange()) -> tuple[gpt2.GPT2Config, gpt2.GPT2]:
   """(GPT2Config, GPT2 model) holding the checkpoint's weights (float32)."""
   folder = os.fspath(folder)
-  hf = _read_config(folder)
+  hf = read_config(folder)
   cfg = config_from_hf(hf, exchange)
   tensors = _read_tensors(folder)
   model = gpt2.GPT2(cfg, rngs=nnx.Rngs(0))
@@ -133,7 +133,7 @@ def load_llama(folder: str | os.PathLike, exchange: Exchange = ExactExchange(), 
   tensor by tensor as they are read, so no float copy of the model is made.
   """
   folder = os.fspath(folder)
-  hf = _read_config(folder)
+  hf = read_config(folder)
   llama_config_from_hf(hf, exchange)  # a config that cannot be a Llama fails before any file
   return llama_from_tensors(hf, _read_tensors(folder), folder, exchange, dtype=dtype,
                             quantize_int8=quantize_int8)
@@ -261,7 +261,7 @@ def _hf_shape(path: tuple, shape: tuple) -> tuple:
   return tuple(reversed(shape)) if path[-1] == "kernel" else shape
 
 
-def _read_config(folder: str) -> dict:
+def read_config(folder: str) -> dict:
   if not os.path.isdir(folder):
     raise HFImportError(f"{folder} is not a folder; pass the directory that transformers' "
                         "save_pretrained wrote (config.json + model.safetensors)")

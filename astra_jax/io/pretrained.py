@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
 
 from astra_jax.core.exchange import Exchange, ExactExchange
@@ -82,15 +81,7 @@ def parse(spec: str) -> Source:
 
 
 def _hf_config(source: Source) -> dict:
-  path = os.path.join(source.path, "config.json")
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise PretrainedError(f"{source.path} has no config.json; pass the directory that "
-                          "transformers' save_pretrained wrote") from None
-  except (OSError, json.JSONDecodeError) as e:
-    raise PretrainedError(f"{path} is unreadable ({e}); save the model again") from None
+  return hf.read_config(source.path)  # HFImportError naming the fix when missing or broken
 
 
 def family(source: Source) -> str:
