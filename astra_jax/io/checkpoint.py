@@ -288,6 +288,12 @@ def _restore(mngr: ocp.CheckpointManager, directory: str, abstract_state: Any,
   return state, candidate, corrupt
 
 
+def _lost_peer(err: BaseException) -> bool:
+  """Whether a failed save means another process of a multi-process run died."""
+  from astra_jax.parallel import distributed
+  return jax.process_count() > 1 and distributed.peer_failure(err, 0, 2) is not None
+
+
 def _save_failed(step: int, directory: str, err: Exception) -> CheckpointError:
   return CheckpointError(
       f"saving step {step} to {directory} failed ({_reason(err)}); free space there or "
@@ -360,6 +366,8 @@ class Checkpointer:
       started = bool(self._mngr.save(step, args=args, force=force))
     except Exception as err:
       self._discard_partial()
+      if _lost_peer(err):
+        raise  # not the disk: a collective or barrier failed, the excepthook names the peer
       raise _save_failed(step, self.directory, err) from None
     if started:
       self._pending = step
@@ -425,6 +433,8 @@ class Checkpointer:
       self._mngr.wait_until_finished()
     except Exception as err:
       self._discard_partial()
+      if _lost_peer(err):
+        raise  # not the disk: a collective or barrier failed, the excepthook names the peer
       raise _save_failed(step, self.directory, err) from None
 
   def _discard_partial(self) -> None:

@@ -8,18 +8,33 @@ Each process owns ``mesh / num_processes`` devices (on CPU: that many fake
 devices); the mesh spans all of them, and each process places only its own
 slices of the inputs (``mesh.to_global``).  CPU collectives go over gloo (TCP),
 so processes in separate network namespaces talk over whatever link joins them.
-Heartbeats are short, so when a process dies the others stop within about
-``heartbeat`` seconds instead of hanging in a collective.
+When a process dies the others stop with one line naming it: a killed
+peer's sockets close at once, so the survivors' next gloo collective fails
+and ``on_peer_failure`` (installed as the excepthook) turns that error into a
+one-line message and exit status ``PEER_DIED``.  A peer that vanishes without
+closing its sockets (a machine losing power) is caught by the coordination
+service's heartbeats after ``HEARTBEAT_S`` seconds; jax then aborts the
+survivors itself, with its own stack dump (jaxlib's missed-heartbeat hook
+cannot be given a Python callback: it fails converting the status).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
+import subprocess
 import sys
 
-HEARTBEAT_S = 10
+HEARTBEAT_S = 30  # long enough that a live survivor always reaches a collective first
+PEER_DIED = 1  # exit status of a survivor
+# how a collective reports a peer that went away (gloo over TCP), and the
+# coordination service's words for a task that stopped sending heartbeats
+_LOST = re.compile(r"Gloo [\w-]+ (?:failed|timed out)\b.*?(Connection reset by peer|"
+                   r"Connection closed by peer|Broken pipe|Connection refused|End of file)"
+                   r"(?:\s*\[([^\]]+)\]:(\d+))?|(heartbeat timeout|stopped sending heartbeats)",
+                   re.S)
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -91,6 +106,11 @@ def initialize(args: argparse.Namespace, mesh_size: int) -> None:
   check(args, mesh_size)
   if args.num_processes is not None and "jax" not in sys.modules:
     os.environ["JAX_NUM_CPU_DEVICES"] = str(mesh_size // args.num_processes)
+  # XLA's C++ logs (coordination-service warnings, its multi-line account of a
+  # dead task) would bury the one line below; errors still reach Python
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  if args.num_processes is not None:
+    _guard_stderr(args.process_id, args.num_processes)
   import jax
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   options = dict(initialization_timeout=args.init_timeout, heartbeat_timeout_seconds=HEARTBEAT_S,
@@ -106,9 +126,56 @@ def initialize(args: argparse.Namespace, mesh_size: int) -> None:
                      f"{args.process_id} of {args.num_processes} within {args.init_timeout} s "
                      f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); start every "
                      "process with the same --coordinator and --num-processes") from e
+  sys.excepthook = _excepthook(sys.excepthook, args.process_id, jax.process_count())
   if len(jax.devices()) != mesh_size:
     raise ValueError(f"--mesh={mesh_size} but the {jax.process_count()} processes have "
                      f"{len(jax.devices())} devices in all; the mesh must span every device")
+
+
+def _guard_stderr(process_id: int, num_processes: int) -> None:
+  """Sends this process's stderr (fd 2) through ``stderr_guard``, which drops
+  the stack dump of jax's C++ abort when the coordinator dies (see there)."""
+  read, write = os.pipe()
+  subprocess.Popen([sys.executable, "-m", "astra_jax.parallel.stderr_guard", str(process_id),
+                    str(num_processes)], stdin=read, stdout=subprocess.DEVNULL)
+  os.close(read)
+  sys.stderr.flush()
+  os.dup2(write, 2)
+  os.close(write)
+
+
+def peer_failure(exc: BaseException, process_id: int, num_processes: int) -> str | None:
+  """The one-line message for an error that means another process died, else None."""
+  text = str(exc)
+  found = _LOST.search(text)
+  if not found:
+    return None
+  if num_processes == 2:
+    who = f"process {1 - process_id}"
+  else:
+    who = "a peer process"
+  if found.group(2):
+    who += f" at {found.group(2)}:{found.group(3)}"
+  cause = found.group(1) or "it stopped sending heartbeats"
+  return (f"{who} is gone ({cause}); process {process_id} stops too. Look at that "
+          "process's own output, then start every process again (a training run resumes "
+          "from its last checkpoint)")
+
+
+def _excepthook(previous, process_id, num_processes):
+  def hook(kind, exc, tb):
+    message = peer_failure(exc, process_id, num_processes)
+    if message is None:
+      return previous(kind, exc, tb)
+    try:
+      sys.stdout.flush()
+    except Exception:  # noqa: BLE001 - leaving anyway
+      pass
+    # os._exit: the normal exit runs jax's shutdown barrier, which waits for
+    # the dead peer and ends in the coordination service's abort
+    os.write(2, f"\nerror: {message}\n".encode())
+    os._exit(PEER_DIED)
+  return hook
 
 
 def is_main() -> bool:

@@ -1,0 +1,79 @@
+"""A multi-process rank's stderr, minus the stack dump jax prints when it aborts.
+
+When the coordinator process dies, jax's coordination client in every other
+process aborts from a C++ thread at once: a glog FATAL line, gRPC details and
+a stack dump, then SIGABRT.  Python never sees it, so ``distributed.initialize``
+starts this filter and points the process's stderr (fd 2) at it:
+
+  python -m astra_jax.parallel.stderr_guard PROCESS_ID NUM_PROCESSES  < pipe
+
+Everything is passed through as it arrives, until one of ``MARKERS`` shows
+the abort has begun; from there on only our own ``error: `` lines are kept,
+and when the process is gone (end of input) one line naming the lost peer is
+printed if the process printed none itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import sys
+
+MARKERS = (b"Terminating process because the JAX distributed service detected fatal errors",
+           b"Additional GRPC error information from remote target coordination_service",
+           b"*** Check failure stack trace: ***")
+_SEGMENT = re.compile(rb"[^\r\n]*[\r\n]")
+_LOG_HEADER = re.compile(rb"[FEWI]\d{0,4}(?: |$)")  # the start of a glog line: held back
+IDLE_S = 0.2  # an unfinished line (a progress bar) is shown after this long
+
+
+def lost_peer_message(process_id: int, num_processes: int) -> str:
+  who = ("the coordinator (process 0)" if process_id != 0 else
+         f"process {1 if num_processes == 2 else 'another'}")
+  return (f"error: {who} is gone (the coordination service reported it); process "
+          f"{process_id} stops too. Look at that process's own output, then start every "
+          "process again (a training run resumes from its last checkpoint)")
+
+
+def guard(src: int, dst: int, process_id: int, num_processes: int) -> None:
+  pending = b""
+  aborting = said = False
+  while True:
+    ready, _, _ = select.select([src], [], [], IDLE_S)
+    if not ready:  # quiet: show what is pending (a progress bar has no newline)
+      if pending and not aborting and not _LOG_HEADER.match(pending):
+        os.write(dst, pending)
+        pending = b""
+      continue
+    chunk = os.read(src, 65536)
+    if not chunk:
+      break
+    pending += chunk
+    segments = _SEGMENT.findall(pending)
+    pending = pending[sum(len(s) for s in segments):]
+    for segment in segments:
+      aborting = aborting or any(m in segment for m in MARKERS)
+      if not aborting:
+        os.write(dst, segment)
+      elif segment.startswith(b"error: "):
+        os.write(dst, segment)
+        said = True
+  if aborting:
+    if not said:
+      os.write(dst, (lost_peer_message(process_id, num_processes) + "\n").encode())
+  elif pending:
+    os.write(dst, pending)
+
+
+def main() -> None:
+  # Ctrl-C reaches the whole process group: the rank handles it, the filter
+  # keeps passing its output until the rank closes the pipe
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  guard(sys.stdin.fileno(), sys.stderr.fileno(), int(sys.argv[1]), int(sys.argv[2]))
+
+
+if __name__ == "__main__":
+  main()
