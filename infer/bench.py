@@ -37,7 +37,7 @@ MEASURED = "measured"
 
 
 def parse(argv):
-  p = cli.Parser(description=__doc__.split("\n")[0])
+  p = cli.Parser(description=__doc__.split("\n")[0], out="folder")
   p.add_argument("--tiny", action="store_true", help="the small CI configuration (defaults "
                  "below become " + ", ".join(f"{k}={v}" for k, v in TINY.items()) + ")")
   p.add_argument("--models", nargs="+", help=f"default {FULL['models']}")
@@ -258,4 +258,4 @@ PAPER = {"profile": "gtx1660ti", "model": "vit-b16", "mesh": 4, "bandwidth_mbps"
 
 
 if __name__ == "__main__":
-  main()
+  cli.entry(main)

@@ -70,11 +70,6 @@ def parse(argv):
     args.core = allowed[0]
   elif args.core not in allowed:
     p.error(f"argument --core: CPU {args.core} is not one this process may use ({allowed})")
-  if args.out:
-    try:
-      cli.check_writable(args.out, "--out", directory=False)
-    except ValueError as e:
-      p.error(str(e))
   return args
 
 
@@ -162,4 +157,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.entry(main)

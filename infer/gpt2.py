@@ -65,8 +65,6 @@ def main(argv=None, *, description: str | None = None):
 
   result = {}
   try:
-    if args.out:  # fail now, not after the evaluation
-      cli.check_writable(args.out, "--out", directory=False)
     if args.model:
       cfg = config.load("pretrained_lm", [])
       lm.use_pretrained(cfg, args.model)
@@ -144,4 +142,4 @@ def main(argv=None, *, description: str | None = None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.entry(main)

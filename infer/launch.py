@@ -9,7 +9,9 @@ again unprefixed, so scripts can read it as usual.
 
 Fails fast: when a rank exits non-zero, the others are stopped (SIGTERM, then
 SIGKILL after ``--grace`` seconds) and the launcher exits non-zero naming the
-dead rank.  ``--timeout`` bounds the whole run.  ``--wrap`` puts a command
+dead rank.  Ctrl-C or SIGTERM to the launcher is passed on to every rank
+(training ranks save a checkpoint and stop); the launcher then exits 130 or
+143 like the ranks.  ``--timeout`` bounds the whole run.  ``--wrap`` puts a command
 before each rank (``{rank}`` is replaced), e.g. ``ip netns exec astra{rank}``;
 ``infer.testbed`` uses it.
 """
@@ -27,6 +29,9 @@ import threading
 import time
 
 from astra_jax.run import cli
+
+
+INTERRUPT_GRACE_S = 120  # Ctrl-C / SIGTERM: time the ranks get to save a checkpoint
 
 
 def parse(argv):
@@ -95,19 +100,23 @@ def run(args) -> int:
   lock = threading.Lock()
   ranks = [Rank(i, rank_command(args, i, coordinator), lock) for i in range(args.procs)]
   deadline = time.monotonic() + args.timeout
-  failed, reason = None, None
+  failed, reason, received = None, None, []
 
-  def stop_all():
+  def stop_all(sig, grace):
     for r in ranks:
-      r.signal(signal.SIGTERM)
-    end = time.monotonic() + args.grace
+      r.signal(sig)
+    end = time.monotonic() + grace
     while time.monotonic() < end and any(r.proc.poll() is None for r in ranks):
       time.sleep(0.1)
     for r in ranks:
       r.signal(signal.SIGKILL)
       r.proc.wait()
 
-  previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+  def interrupted(signum, _frame):
+    received.append(signum)
+    raise KeyboardInterrupt
+
+  previous = {s: signal.signal(s, interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
   try:
     while any(r.proc.poll() is None for r in ranks):
       dead = [r for r in ranks if r.proc.poll() not in (None, 0)]
@@ -125,18 +134,29 @@ def run(args) -> int:
         failed = dead[0]
         reason = f"rank {failed.rank} exited with code {failed.proc.returncode}"
   except KeyboardInterrupt:
-    reason = "interrupted"
+    reason = f"stopped by {signal.Signals(received[0]).name}" if received else "interrupted"
   finally:
-    if reason:
-      print(f"launch: {reason}; stopping the other ranks", file=sys.stderr, flush=True)
-    stop_all()
-    signal.signal(signal.SIGTERM, previous)
+    if received:  # the user's signal, passed on: training ranks save a checkpoint first
+      print(f"launch: {reason}; passing it to the ranks", file=sys.stderr, flush=True)
+      stop_all(received[0], max(args.grace, INTERRUPT_GRACE_S))
+    else:
+      if reason:
+        print(f"launch: {reason}; stopping the other ranks", file=sys.stderr, flush=True)
+      stop_all(signal.SIGTERM, args.grace)
+    for s, handler in previous.items():
+      signal.signal(s, handler)
     for r in ranks:
       r.thread.join(timeout=5)
+  if received:
+    codes = sorted({r.proc.returncode for r in ranks})
+    print(f"error: {reason}; the ranks exited with {', '.join(map(str, codes))} (see their "
+          "lines above)", file=sys.stderr)
+    return 128 + received[0]
   if reason:
     print(f"error: {reason} (see its [rank {failed.rank if failed else '?'}] lines above)"
           if failed else f"error: {reason}", file=sys.stderr)
-    return 1
+    code = failed.proc.returncode if failed else 1
+    return code if code in (130, 143) else 1  # a rank stopped by a signal: its status
   print(ranks[0].last, flush=True)
   return 0
 
@@ -147,4 +167,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.entry(main)

@@ -124,4 +124,4 @@ def markdown(r: dict) -> str:
 
 
 if __name__ == "__main__":
-  main()
+  cli.entry(main)

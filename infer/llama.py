@@ -9,6 +9,7 @@ model family is read from the run's config.json.
 
 from __future__ import annotations
 
+from astra_jax.run import cli
 from infer import gpt2
 
 
@@ -17,4 +18,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.entry(main)

@@ -324,4 +324,4 @@ def write(args, task: Task, rows: list[dict], kept: list[dict] = ()) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.entry(main)

@@ -217,4 +217,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.entry(main)

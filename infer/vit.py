@@ -41,8 +41,6 @@ def main(argv=None):
   from astra_jax.run.tasks import exchanges, vit as task
 
   try:
-    if args.out:  # fail now, not after the evaluation
-      cli.check_writable(args.out, "--out", directory=False)
     cfg = workdir.load_config(args.workdir, "vit")
     exchanges.for_evaluation(cfg, args.exchange, args.workdir, "train.vit")
     target = task.model_config(cfg, args.exchange)
@@ -67,4 +65,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.entry(main)

@@ -92,4 +92,4 @@ def main(argv=None, *, config: str = "gpt2_shakespeare", workdir: str = "workdir
 
 
 if __name__ == "__main__":
-  main()
+  cli.entry(main)

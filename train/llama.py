@@ -14,6 +14,7 @@ The last line printed is one JSON object with the validation perplexity.
 
 from __future__ import annotations
 
+from astra_jax.run import cli
 from train import gpt2
 
 
@@ -22,4 +23,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.entry(main)

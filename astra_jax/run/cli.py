@@ -16,14 +16,30 @@ from typing import Any
 
 class Parser(argparse.ArgumentParser):
   """argparse with one-line errors: ``error: argument --mesh: ...`` and exit 2,
-  without the usage block (``--help`` still prints it)."""
+  without the usage block (``--help`` still prints it).
 
-  def __init__(self, *args, **kwargs):
+  An ``--out`` flag is checked as soon as the flags are parsed, so a path that
+  cannot be written fails in seconds, not after the work: a file path, or
+  with ``out="folder"`` a folder (``out=None``: not checked).
+  """
+
+  def __init__(self, *args, out: str | None = "file", **kwargs):
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     if spec is not None and "prog" not in kwargs:  # `python -m infer.gpt2`, not gpt2.py
       kwargs["prog"] = f"python -m {spec.name}"
     super().__init__(*args, **kwargs)
+    self.out_kind = out
+
+  def parse_known_args(self, args=None, namespace=None):
+    parsed, rest = super().parse_known_args(args, namespace)
+    out = getattr(parsed, "out", None)
+    if out and self.out_kind:
+      try:
+        check_writable(out, "--out", directory=self.out_kind == "folder")
+      except ValueError as e:
+        fail(str(e))
+    return parsed, rest
 
   def error(self, message: str) -> None:  # argparse's hook for every bad flag
     fail(f"{message} (see {self.prog} --help)")
@@ -221,6 +237,15 @@ def _main_process() -> bool:
     return True
   import jax
   return jax.process_index() == 0
+
+
+def entry(main) -> None:
+  """Runs a CLI's ``main()``: Ctrl-C outside training (which handles it itself,
+  saving a checkpoint) ends with one line and exit status 130, not a traceback."""
+  try:
+    main()
+  except KeyboardInterrupt:
+    fail("interrupted (Ctrl-C); nothing more was written", code=130)
 
 
 def fail(message: str, code: int = 2) -> None:
