@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 
-from astra_jax.core import axes
 from astra_jax.run import cli
 
 
@@ -38,7 +37,7 @@ def attention_stack_traffic(exchange, *, mesh_size, layers, batch, seq_len, dim,
   """Compiles the attention stack and returns (measured report, analytic bytes)."""
   import jax
   import jax.numpy as jnp
-  from astra_jax.core import attention
+  from astra_jax.core import attention, axes
   from astra_jax.parallel import mesh as mesh_lib
   from astra_jax.netsim import traffic
 
@@ -100,4 +99,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.entry(main)

@@ -13,6 +13,8 @@ every module of ``astra_jax``, ``infer``, ``train`` and ``configs``:
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -126,3 +128,21 @@ def test_layer_imports_only_below_it(layer, allowed):
          for m, targets in GRAPH.items() if m == layer or m.startswith(f"{layer}.")}
   bad = {m: t for m, t in bad.items() if t}
   assert not bad, f"{layer} may import only {allowed}; found {bad}"
+
+
+def test_command_line_modules_import_no_jax():
+  """Every ``python -m`` entry point can still choose its device count after
+  being imported: XLA:CPU fixes it when jax starts, so a CLI module that
+  imports jax at module level makes ``--mesh=4`` find one device."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  modules = sorted(f"{folder}.{p.stem}" for folder in ("infer", "train")
+                   for p in (root / folder).glob("*.py") if p.stem != "__init__")
+  probe = ("import importlib, sys\n"
+           f"for name in {modules!r}:\n"
+           "  importlib.import_module(name)\n"
+           "  if 'jax' in sys.modules:\n"
+           "    print(name); break\n")
+  proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                        cwd=root, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip() == "", f"{proc.stdout.strip()} imports jax when imported"
