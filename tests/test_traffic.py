@@ -1,6 +1,7 @@
 """Traffic read from compiled HLO agrees with the analytic formula."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -25,6 +26,21 @@ def test_hlo_bytes_equal_formula(mesh_size, name, opts):
   report, analytic = _measure(ex.make_exchange(name, **opts), mesh_size, layers=2)
   assert report.bytes_per_device == analytic > 0
   assert set(report.by_kind()) == {"all-gather"}
+  assert report.by_kind()["all-gather"]["count"] == 2  # K and V of a layer in one message
+
+
+@pytest.mark.parametrize("flags", [["--exchange=exact"], ["--exchange=vq", "--groups=32"]])
+def test_cli_one_all_gather_per_layer(flags):
+  """The README's traffic command as a user runs it (a fresh process: the CLI
+  must set up its fake devices before anything imports jax)."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}  # conftest's 8
+  proc = subprocess.run([sys.executable, "-m", "infer.traffic", "--mesh=4", "--layers=3",
+                         "--seq-len=256", *flags], capture_output=True, text=True, timeout=300,
+                        env=env)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "  all-gather: 3 ops, " in proc.stdout
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["bytes_per_device"] == result["bytes_per_device_formula"] > 0
 
 
 def test_vq_g32_is_76_8x_below_exact_float32():
