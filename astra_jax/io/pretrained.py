@@ -13,6 +13,7 @@ weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import os
 
@@ -80,6 +81,19 @@ def parse(spec: str) -> Source:
   return Source(scheme, path)
 
 
+def _gguf_file(path: str) -> "gguf.GGUFFile":
+  """The parsed GGUF header, read once per file (a CLI start asks for the config,
+  the weights and the tokenizer: three parses of a 49k-token vocabulary before)."""
+  st = os.stat(path)
+  return _parsed(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _parsed(path: str, size: int, mtime_ns: int) -> "gguf.GGUFFile":
+  del size, mtime_ns  # in the key: a file rewritten in place is parsed again
+  return gguf.GGUFFile(path)
+
+
 def _hf_config(source: Source) -> dict:
   return hf.read_config(source.path)  # HFImportError naming the fix when missing or broken
 
@@ -98,7 +112,7 @@ def family(source: Source) -> str:
 def model_config(source: Source, exchange: Exchange = ExactExchange()):
   """The checkpoint's model config (GPT2Config | LlamaConfig) from its metadata alone."""
   if source.scheme == "gguf":
-    return hf.llama_config_from_hf(gguf.GGUFFile(source.path).hf_config(), exchange)
+    return hf.llama_config_from_hf(_gguf_file(source.path).hf_config(), exchange)
   config = _hf_config(source)
   if family(source) == "llama":
     return hf.llama_config_from_hf(config, exchange)
@@ -108,7 +122,7 @@ def model_config(source: Source, exchange: Exchange = ExactExchange()):
 def load(source: Source, exchange: Exchange = ExactExchange()):
   """(model config, model) holding the checkpoint's weights (float32)."""
   if source.scheme == "gguf":
-    return gguf.load_llama_gguf(source.path, exchange)
+    return gguf.load_llama_gguf(_gguf_file(source.path), exchange)
   if family(source) == "llama":
     return hf.load_llama(source.path, exchange)
   return hf.load_gpt2(source.path, exchange)
@@ -118,5 +132,5 @@ def tokenizer(source: Source) -> text_lib.Tokenizer:
   """The checkpoint's own tokenizer (GGUF: rebuilt from its vocabulary and merges;
   HF: tokenizer.json, or vocab.json + merges.txt)."""
   if source.scheme == "gguf":
-    return gguf.load_tokenizer_gguf(source.path)
+    return gguf.load_tokenizer_gguf(_gguf_file(source.path))
   return text_lib.BPETokenizer(source.path)
