@@ -67,3 +67,27 @@ def test_peer_failure_messages():
   barrier = "INTERNAL: Barrier failed because: Task 1 heartbeat timeout."
   assert "it stopped sending heartbeats" in distributed.peer_failure(RuntimeError(barrier), 0, 2)
   assert distributed.peer_failure(ValueError("shapes do not match"), 0, 2) is None
+
+
+def test_runtime_log_lines_glued_to_a_bar_are_dropped_with_what_follows():
+  warn = (b"W1201 07:58:02.123456   4242 preemption_sync_manager.cc:147] Failed to retrieve "
+          b"preemption notice from coordination service: UNAVAILABLE: Stream removed\n")
+  ours = b"error: process 0 is gone (Connection reset by peer); process 1 stops too.\n"
+  out = _filter([b"\r" + BAR, b" " + warn, b"=== Source Location Trace: ===\n", ours])
+  assert [line for line in out.splitlines() if line.strip()] == [BAR.decode() + " ",
+                                                                   ours.decode().strip()]
+
+
+def test_runtime_errors_then_the_abort_give_the_generic_line():
+  error = (b"E1201 07:58:02.123456   4242 coordination_service.cc:1518] Use error polling to "
+           b"propagate the following error to all tasks: UNAVAILABLE: The following tasks are "
+           b"unhealthy (stopped sending heartbeats):\n1\nThe tasks have crashed.\n")
+  out = _filter([b"step 3\n", error, ABORT], process_id=0)
+  assert [line for line in out.splitlines() if line.strip()] == [
+      "step 3", stderr_guard.lost_peer_message(0, 2)]
+
+
+def test_runtime_log_lines_without_an_abort_add_no_error():
+  warn = b"W1201 07:58:02.123456   4242 client.cc:12] something odd\n"
+  out = _filter([b"step 3\n", warn, b"more\n"])
+  assert [line for line in out.splitlines() if line.strip()] == ["step 3"]

@@ -7,10 +7,11 @@ starts this filter and points the process's stderr (fd 2) at it:
 
   python -m astra_jax.parallel.stderr_guard PROCESS_ID NUM_PROCESSES  < pipe
 
-Everything is passed through as it arrives, until one of ``MARKERS`` shows
-the abort has begun; from there on only our own ``error: `` lines are kept,
-and when the process is gone (end of input) one line naming the lost peer is
-printed if the process printed none itself.
+Everything is passed through as it arrives until the runtime itself logs (a
+glog line; multi-process runs set TF_CPP_MIN_LOG_LEVEL=3, so that happens when
+the process group is failing); from there on only our own ``error: `` lines
+are kept, and if the abort began (``MARKERS``) and the process printed no
+error of its own, one line naming the lost peer ends the output.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import signal
 import sys
 
 MARKERS = (b"Terminating process because the JAX distributed service detected fatal errors",
-           b"Additional GRPC error information from remote target coordination_service",
-           b"*** Check failure stack trace: ***")
+           b"*** Check failure stack trace: ***")  # the abort has begun
+# a glog line from the runtime (absl/XLA); it may be glued to a progress bar
+_GLOG = re.compile(rb"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+:\d+\] ")
+_GLOG_START = re.compile(rb"[IWEF]\d{0,4}(?: [\d:.]*(?: +\d*)?)?$")  # one cut short
 _SEGMENT = re.compile(rb"[^\r\n]*[\r\n]")
-_LOG_HEADER = re.compile(rb"[FEWI]\d{0,4}(?: |$)")  # the start of a glog line: held back
 IDLE_S = 0.2  # an unfinished line (a progress bar) is shown after this long
 
 
@@ -38,12 +40,16 @@ def lost_peer_message(process_id: int, num_processes: int) -> str:
 
 
 def guard(src: int, dst: int, process_id: int, num_processes: int) -> None:
+  """Copies ``src`` to ``dst`` until the runtime logs (a glog line: with
+  TF_CPP_MIN_LOG_LEVEL=3 only when the process group is failing); from then on
+  only ``error: `` lines pass.  If the abort began (``MARKERS``) and the
+  process said nothing itself, one line naming the lost peer ends the output."""
   pending = b""
-  aborting = said = False
+  quiet = fatal = said = False
   while True:
     ready, _, _ = select.select([src], [], [], IDLE_S)
-    if not ready:  # quiet: show what is pending (a progress bar has no newline)
-      if pending and not aborting and not _LOG_HEADER.match(pending):
+    if not ready:  # idle: show an unfinished line (a progress bar has no newline)
+      if pending and not quiet and not _GLOG.search(pending) and not _GLOG_START.search(pending):
         os.write(dst, pending)
         pending = b""
       continue
@@ -54,14 +60,21 @@ def guard(src: int, dst: int, process_id: int, num_processes: int) -> None:
     segments = _SEGMENT.findall(pending)
     pending = pending[sum(len(s) for s in segments):]
     for segment in segments:
-      aborting = aborting or any(m in segment for m in MARKERS)
-      if not aborting:
-        os.write(dst, segment)
+      fatal = fatal or any(m in segment for m in MARKERS)
+      if not quiet:
+        log = _GLOG.search(segment)
+        cuts = [segment.find(m) for m in MARKERS if m in segment] + ([log.start()] if log else [])
+        if not cuts:
+          os.write(dst, segment)
+          continue
+        quiet = True
+        if min(cuts):
+          os.write(dst, segment[:min(cuts)] + b"\n")
       elif segment.startswith(b"error: "):
         os.write(dst, segment)
         said = True
-  if aborting:
-    if not said:
+  if quiet:
+    if fatal and not said:
       os.write(dst, (lost_peer_message(process_id, num_processes) + "\n").encode())
   elif pending:
     os.write(dst, pending)
