@@ -32,3 +32,26 @@ def reference(out: pathlib.Path, family: str) -> tuple[pathlib.Path, dict]:
                         family], capture_output=True, text=True, timeout=600)
   assert run.returncode == 0, f"tests/hf_reference.py failed:\n{run.stderr[-3000:]}"
   return out, dict(np.load(out / "reference.npz"))
+
+
+TINY_LLAMA_VOCAB = 300
+
+
+def tiny_llama_config() -> dict:
+  """config.json of the tiny Llama the CLI tests load (tests/test_hf_llama.py's)."""
+  from test_hf_llama import _hf_config
+  return _hf_config(vocab_size=TINY_LLAMA_VOCAB, max_position_embeddings=64)
+
+
+def write_tiny_llama(folder: pathlib.Path, corpus: pathlib.Path) -> pathlib.Path:
+  """A random tiny Llama as transformers saves it (config.json + model.safetensors,
+  tests/test_hf_llama.py's), with a byte-level BPE tokenizer trained on ``corpus``."""
+  tokenizers = pytest.importorskip("tokenizers")
+  from test_hf_llama import _hf_tensors, _write
+  config = tiny_llama_config()
+  folder = _write(folder, config, _hf_tensors(config))
+  tok = tokenizers.ByteLevelBPETokenizer()
+  tok.train_from_iterator(corpus.read_text().splitlines(), vocab_size=TINY_LLAMA_VOCAB,
+                          min_frequency=1, show_progress=False)
+  tok.save(str(folder / "tokenizer.json"))
+  return folder

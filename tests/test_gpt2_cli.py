@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cli_helpers import assert_clean_errors, assert_one_line_error, last_json, run
+from cli_helpers import assert_clean_errors, last_json, run, write_corpus
 
 TINY = ["--config.variant=nano", "--config.context=32", "--config.batch_size=4",
         "--config.log_every=5", "--config.warmup_steps=2", "--config.eval_windows=4",
@@ -13,10 +13,8 @@ TINY = ["--config.variant=nano", "--config.context=32", "--config.batch_size=4",
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-  path = tmp_path_factory.mktemp("text") / "verse.txt"
-  lines = [f"To be, or not to be, line {i % 13}: that is the question.\n" for i in range(400)]
-  path.write_text("".join(lines))
-  return path
+  return write_corpus(tmp_path_factory.mktemp("text"),
+                      "To be, or not to be, line {}: that is the question.", lines=400, cycle=13)
 
 
 @pytest.fixture(scope="module")
@@ -72,33 +70,20 @@ def test_bpe_tokenizer_from_local_files(corpus, tmp_path):
 
 
 def test_bad_input_gives_clear_errors(exact_run, corpus, tmp_path):
+  """More in tests/test_bad_input.py (a prompt longer than the context, vq on an
+  exact run, config values out of range, ...)."""
   workdir, _ = exact_run
   (tmp_path / "empty").mkdir()
   cases = [
-      (["infer.gpt2", f"--workdir={workdir}", "--mesh=2", "--prompt", "x" * 40,
-        "--max-new-tokens", "5"], "exceeds the model's context of 32"),
       (["train.gpt2", "--mesh=3", f"--workdir={tmp_path}/a", f"--config.text={corpus}", *TINY],
        "context length 32 is not divisible by the mesh size 3"),
       (["train.gpt2", "--mesh=2", f"--workdir={tmp_path}/b", f"--config.text={corpus}",
         f"--config.tokenizer={tmp_path}/empty", *TINY], "no tokenizer files"),
       (["train.gpt2", "--mesh=2", f"--workdir={tmp_path}/c", f"--config.text={tmp_path}/nope",
         *TINY], "does not exist"),
-      (["infer.gpt2", f"--workdir={workdir}", "--mesh=2", "--exchange=vq", "--eval"],
-       "has no codebooks"),
       (["infer.gpt2", f"--workdir={workdir}", "--mesh=2"], "nothing to do"),
   ]
   assert_clean_errors(cases)
-
-
-def test_bad_config_values_fail_before_anything_is_written(corpus, tmp_path):
-  for flag, message in (("--config.steps=0", "--config.steps=0 is out of range; pass "
-                                             "--config.steps as an integer >= 1"),
-                        ("--config.batch_size=0", "--config.batch_size=0 is out of range"),
-                        ("--config.lr=-0.001", "--config.lr=-0.001 is out of range")):
-    proc = run("train.gpt2", "--mesh=1", f"--workdir={tmp_path}/run", f"--config.text={corpus}",
-               *TINY, flag)
-    assert_one_line_error(proc, 2, message)
-    assert not (tmp_path / "run").exists(), flag
 
 
 def test_results_command_reuses_exact_run(exact_run, corpus, tmp_path):

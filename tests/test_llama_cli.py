@@ -8,7 +8,7 @@ import pytest
 from astra_jax.run import config
 from astra_jax.models import gpt2, llama
 from astra_jax.run.tasks import lm
-from cli_helpers import assert_clean_errors, last_json, run
+from cli_helpers import assert_clean_errors, last_json, run, write_corpus
 
 TINY = ["--config.variant=nano", "--config.context=32", "--config.batch_size=4",
         "--config.log_every=5", "--config.warmup_steps=2", "--config.eval_windows=4",
@@ -17,10 +17,8 @@ TINY = ["--config.variant=nano", "--config.context=32", "--config.batch_size=4",
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-  path = tmp_path_factory.mktemp("text") / "verse.txt"
-  lines = [f"To be, or not to be, line {i % 13}: that is the question.\n" for i in range(400)]
-  path.write_text("".join(lines))
-  return path
+  return write_corpus(tmp_path_factory.mktemp("text"),
+                      "To be, or not to be, line {}: that is the question.", lines=400, cycle=13)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from cli_helpers import last_json, run
+from cli_helpers import last_json, run, write_corpus
 
 TINY = ["--config.variant=nano", "--config.context=32", "--config.batch_size=4",
         "--config.log_every=5", "--config.warmup_steps=2", "--config.eval_windows=4",
@@ -19,9 +19,8 @@ TINY = ["--config.variant=nano", "--config.context=32", "--config.batch_size=4",
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-  path = tmp_path_factory.mktemp("text") / "verse.txt"
-  path.write_text("".join(f"Now is the winter of our discontent, {i % 7}.\n" for i in range(300)))
-  return path
+  return write_corpus(tmp_path_factory.mktemp("text"), "Now is the winter of our discontent, {}.",
+                      lines=300, cycle=7)
 
 
 def launch(procs, *args, timeout=600):
