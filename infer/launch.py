@@ -95,6 +95,12 @@ class Rank:
         pass
 
 
+def _first_cause(dead: list) -> list:
+  """Failed ranks, the likely cause first: one killed by a signal (negative
+  status) before the survivors that stopped with an error because it died."""
+  return sorted(dead, key=lambda r: (r.proc.returncode >= 0, r.rank))
+
+
 def run(args) -> int:
   coordinator = args.coordinator or f"127.0.0.1:{free_port()}"
   lock = threading.Lock()
@@ -119,7 +125,7 @@ def run(args) -> int:
   previous = {s: signal.signal(s, interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
   try:
     while any(r.proc.poll() is None for r in ranks):
-      dead = [r for r in ranks if r.proc.poll() not in (None, 0)]
+      dead = _first_cause([r for r in ranks if r.proc.poll() not in (None, 0)])
       if dead:
         failed = dead[0]
         reason = f"rank {failed.rank} exited with code {failed.proc.returncode}"
@@ -129,7 +135,7 @@ def run(args) -> int:
         break
       time.sleep(0.1)
     else:
-      dead = [r for r in ranks if r.proc.returncode != 0]
+      dead = _first_cause([r for r in ranks if r.proc.returncode != 0])
       if dead:
         failed = dead[0]
         reason = f"rank {failed.rank} exited with code {failed.proc.returncode}"
