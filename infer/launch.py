@@ -125,20 +125,16 @@ def run(args) -> int:
   previous = {s: signal.signal(s, interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
   try:
     while any(r.proc.poll() is None for r in ranks):
-      dead = _first_cause([r for r in ranks if r.proc.poll() not in (None, 0)])
-      if dead:
-        failed = dead[0]
-        reason = f"rank {failed.rank} exited with code {failed.proc.returncode}"
+      if any(r.proc.poll() not in (None, 0) for r in ranks):
         break
       if time.monotonic() > deadline:
         reason = f"the run exceeded --timeout={args.timeout:g} s"
         break
       time.sleep(0.1)
-    else:
-      dead = _first_cause([r for r in ranks if r.proc.returncode != 0])
-      if dead:
-        failed = dead[0]
-        reason = f"rank {failed.rank} exited with code {failed.proc.returncode}"
+    dead = _first_cause([r for r in ranks if r.proc.poll() not in (None, 0)])
+    if dead and not reason:
+      failed = dead[0]
+      reason = f"rank {failed.rank} exited with code {failed.proc.returncode}"
   except KeyboardInterrupt:
     reason = f"stopped by {signal.Signals(received[0]).name}" if received else "interrupted"
   finally:

@@ -291,7 +291,7 @@ def _restore(mngr: ocp.CheckpointManager, directory: str, abstract_state: Any,
 def _lost_peer(err: BaseException) -> bool:
   """Whether a failed save means another process of a multi-process run died."""
   from astra_jax.parallel import distributed
-  return jax.process_count() > 1 and distributed.peer_failure(err, 0, 2) is not None
+  return jax.process_count() > 1 and distributed.is_peer_failure(err)
 
 
 def _save_failed(step: int, directory: str, err: Exception) -> CheckpointError:

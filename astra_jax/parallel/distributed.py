@@ -10,12 +10,13 @@ slices of the inputs (``mesh.to_global``).  CPU collectives go over gloo (TCP),
 so processes in separate network namespaces talk over whatever link joins them.
 When a process dies the others stop with one line naming it: a killed
 peer's sockets close at once, so the survivors' next gloo collective fails
-and ``on_peer_failure`` (installed as the excepthook) turns that error into a
-one-line message and exit status ``PEER_DIED``.  A peer that vanishes without
-closing its sockets (a machine losing power) is caught by the coordination
-service's heartbeats after ``HEARTBEAT_S`` seconds; jax then aborts the
-survivors itself, with its own stack dump (jaxlib's missed-heartbeat hook
-cannot be given a Python callback: it fails converting the status).
+and the excepthook ``initialize`` installs turns that error into a one-line
+message and exit status ``PEER_DIED``.  When jax's coordination client aborts
+a survivor first (at once when the coordinator dies; after ``HEARTBEAT_S``
+seconds for a peer that vanished without closing its sockets), its glog
+stack dump is dropped by ``stderr_guard``, which prints the one line instead
+(jaxlib's missed-heartbeat hook cannot take a Python callback: it fails
+converting the status).
 """
 
 from __future__ import annotations
@@ -144,22 +145,27 @@ def _guard_stderr(process_id: int, num_processes: int) -> None:
   os.close(write)
 
 
-def peer_failure(exc: BaseException, process_id: int, num_processes: int) -> str | None:
-  """The one-line message for an error that means another process died, else None."""
-  text = str(exc)
-  found = _LOST.search(text)
-  if not found:
-    return None
-  if num_processes == 2:
-    who = f"process {1 - process_id}"
-  else:
-    who = "a peer process"
-  if found.group(2):
-    who += f" at {found.group(2)}:{found.group(3)}"
-  cause = found.group(1) or "it stopped sending heartbeats"
+def lost_peer_line(who: str, cause: str, process_id: int) -> str:
+  """The one line a survivor prints (here and in ``stderr_guard``)."""
   return (f"{who} is gone ({cause}); process {process_id} stops too. Look at that "
           "process's own output, then start every process again (a training run resumes "
           "from its last checkpoint)")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+  """Whether ``exc`` means another process of the group died."""
+  return _LOST.search(str(exc)) is not None
+
+
+def peer_failure(exc: BaseException, process_id: int, num_processes: int) -> str | None:
+  """The one-line message for an error that means another process died, else None."""
+  found = _LOST.search(str(exc))
+  if not found:
+    return None
+  who = f"process {1 - process_id}" if num_processes == 2 else "a peer process"
+  if found.group(2):
+    who += f" at {found.group(2)}:{found.group(3)}"
+  return lost_peer_line(who, found.group(1) or "it stopped sending heartbeats", process_id)
 
 
 def _excepthook(previous, process_id, num_processes):

@@ -22,6 +22,8 @@ import select
 import signal
 import sys
 
+from astra_jax.parallel import distributed  # stdlib-only at import: cheap
+
 MARKERS = (b"Terminating process because the JAX distributed service detected fatal errors",
            b"*** Check failure stack trace: ***")  # the abort has begun
 # a glog line from the runtime (absl/XLA); it may be glued to a progress bar
@@ -34,9 +36,8 @@ IDLE_S = 0.2  # an unfinished line (a progress bar) is shown after this long
 def lost_peer_message(process_id: int, num_processes: int) -> str:
   who = ("the coordinator (process 0)" if process_id != 0 else
          f"process {1 if num_processes == 2 else 'another'}")
-  return (f"error: {who} is gone (the coordination service reported it); process "
-          f"{process_id} stops too. Look at that process's own output, then start every "
-          "process again (a training run resumes from its last checkpoint)")
+  return "error: " + distributed.lost_peer_line(who, "the coordination service reported it",
+                                                process_id)
 
 
 def guard(src: int, dst: int, process_id: int, num_processes: int) -> None:
