@@ -15,7 +15,13 @@ the compiled program).  Then the G=32 run is evaluated with 1/5/10% of the
 non-local codes lost on the link (``--drop-rate``), and the exact run under
 the other systems at the same device count: ring attention, tensor
 parallelism, Flash Communication INT8/INT4, and SPD with the drop set
-``python -m infer.spd`` picks (zero-shot and after block-wise distillation).  Writes
+``python -m infer.spd`` picks (zero-shot and after block-wise distillation).
+``--codebook-size K`` runs the ASTRA rows with K entries per codebook
+instead of the config's 1024 (log2 K bits per group: the knob that trades
+bits per token against the nearest-code search's cost, which grows with K);
+their rows and run folders are then named with ``_k<K>`` (``vq_g32_k256``) and
+sit beside the K=1024 rows in the same table (without ``--only``, every ASTRA
+row runs and the other rows are kept).  Writes
 ``results/<task>_<data>.json`` and the table between the task's markers in
 RESULTS.md after every row.  Finished runs in ``--root`` are only re-evaluated
 (the train CLI resumes at their last step); ``--only NAME ...`` runs those rows
@@ -143,6 +149,9 @@ def parse(argv):
                  help="LM: validation windows scored per row (default: the config's)")
   p.add_argument("--data-dir", default=None, help="vit: folder with the dataset files")
   p.add_argument("--only", nargs="*", default=None, help="variant names to run (default all)")
+  p.add_argument("--codebook-size", type=cli.at_least(2), default=None, metavar="K",
+                 help="entries per codebook of every ASTRA row (a power of two; default the "
+                      "config's, 1024); rows are then named NAME_kK")
   p.add_argument("--results", default=None, help="results JSON (default: the task's file)")
   p.add_argument("--markdown", default="RESULTS.md")
   p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
@@ -159,7 +168,23 @@ def parse(argv):
     unknown = set(args.only) - set(names)
     if unknown:
       p.error(f"unknown variants {sorted(unknown)}; choose from {names}")
+  size = args.codebook_size
+  if size is not None and size & (size - 1):
+    p.error(f"argument --codebook-size: must be a power of two, got {size}")
+  if suffix(args) and args.only is None:  # another K: its ASTRA rows, kept beside the rest
+    task = TASKS[args.task]
+    args.only = [v[0] for v in task.variants if "--config.exchange=exact" not in v[2]] + \
+        [loss_name(r) for r in task.loss_rates]
   return args
+
+
+DEFAULT_CODEBOOK_SIZE = 1024  # configs/common.py's vq.codebook_size
+
+
+def suffix(args) -> str:
+  """Row and run-folder suffix of the ASTRA rows: '' at the configs' K, else '_kK'."""
+  size = args.codebook_size
+  return "" if size in (None, DEFAULT_CODEBOOK_SIZE) else f"_k{size}"
 
 
 def _run(module, *args):
@@ -216,6 +241,10 @@ def main(argv=None):
   mesh = f"--mesh={args.mesh}"
   windows = [f"--eval-windows={args.eval_windows}"] if args.eval_windows else []
   exact_dir = args.exact_workdir or os.path.join(args.root, "exact")
+  sfx = suffix(args)  # ASTRA rows at another codebook size: named and stored apart
+  size = [] if args.codebook_size is None else [f"--config.vq.codebook_size={args.codebook_size}"]
+  size_spec = "" if args.codebook_size is None else f",codebook_size={args.codebook_size}"
+  size_label = "" if not sfx else f", K={args.codebook_size}"
   if task.model:  # the pretrained checkpoint is the exact model
     start, source = [f"--model={task.model}"], [f"--init-from={task.model}"]
     windows_cfg = [f"--config.eval_windows={args.eval_windows}"] if args.eval_windows else []
@@ -223,7 +252,9 @@ def main(argv=None):
     _run(task.train, mesh, f"--workdir={exact_dir}", *data, *args.extra)
     start, source, windows_cfg = [f"--workdir={exact_dir}"], [f"--init-from={exact_dir}"], []
   # with --only, rows of the other variants are kept from the previous results file
-  fresh = {"single_device", "exact", *(args.only or ())}  # evaluated again below
+  vq_names = {v[0] for v in task.variants} | {loss_name(r) for r in task.loss_rates}
+  fresh = {"single_device", "exact",  # evaluated again below
+           *(n + sfx if n in vq_names else n for n in (args.only or ()))}
   if fresh & set(SPD_ROWS):  # one infer.spd run makes both SPD rows
     fresh |= set(SPD_ROWS)
   kept = [] if args.only is None or not os.path.exists(args.results) else [
@@ -237,20 +268,22 @@ def main(argv=None):
   for name, label, overrides, finetune in task.variants:
     if args.only is not None and name not in args.only:
       continue
+    vq_row = "--config.exchange=exact" not in overrides
+    row = dict(name=name + sfx, label=label + size_label) if vq_row else dict(name=name, label=label)
     if task.model and not finetune:  # zero-shot: k-means codebooks in the infer CLI
-      spec = "vq:" + ",".join(o.removeprefix("--config.vq.") for o in overrides)
+      spec = "vq:" + ",".join(o.removeprefix("--config.vq.") for o in overrides) + size_spec
       result = _run(*evaluate, mesh, f"--exchange={spec}")
-      rows.append(dict(result, name=name, label=label))
+      rows.append(dict(result, **row))
       write(args, task, rows, kept)
       continue
     lr = args.finetune_lr or (5e-5 if task.model else 5e-4)
     steps = task.finetune(args.finetune_steps, lr) if finetune else ["--max-steps=0"]
-    result = _run(task.train, mesh, f"--workdir={os.path.join(args.root, name)}",
-                  *source, "--config.exchange=vq", *steps, *overrides, *windows_cfg,
-                  *data, *args.extra)
-    rows.append(dict(result, name=name, label=label))
+    result = _run(task.train, mesh, f"--workdir={os.path.join(args.root, row['name'])}",
+                  *source, "--config.exchange=vq", *steps, *overrides,
+                  *(size if vq_row else []), *windows_cfg, *data, *args.extra)
+    rows.append(dict(result, **row))
     write(args, task, rows, kept)  # after every row, so a long run leaves a usable table
-  g32 = os.path.join(args.root, "vq_g32")
+  g32 = os.path.join(args.root, "vq_g32" + sfx)
   for rate in task.loss_rates:
     name = loss_name(rate)
     if args.only is not None and name not in args.only:
@@ -258,14 +291,15 @@ def main(argv=None):
     if os.path.isdir(g32):
       result = _run(*task.infer, f"--workdir={g32}", mesh, f"--drop-rate={rate}", *data,
                     *windows)
-      label = f"ASTRA G=32, {rate:.0%} of codes lost"
+      label = f"ASTRA G=32{size_label}, {rate:.0%} of codes lost"
     elif task.model:
-      result = _run(*evaluate, mesh, "--exchange=vq:groups=32", f"--drop-rate={rate}")
-      label = f"ASTRA G=32 zero-shot (k-means only), {rate:.0%} of codes lost"
+      result = _run(*evaluate, mesh, f"--exchange=vq:groups=32{size_spec}",
+                    f"--drop-rate={rate}")
+      label = f"ASTRA G=32{size_label} zero-shot (k-means only), {rate:.0%} of codes lost"
     else:
       print(f"skipping {name}: no ASTRA G=32 run in {g32}", flush=True)
       continue
-    rows.append(dict(result, name=name, label=label))
+    rows.append(dict(result, name=name + sfx, label=label))
     write(args, task, rows, kept)
   for name, label, flags in task.baselines:
     if args.only is None or name in args.only:
@@ -300,7 +334,14 @@ def order(task: Task, rows: list[dict]) -> list[dict]:
   names = ["single_device", "exact", *(v[0] for v in task.variants),
            *(loss_name(r) for r in task.loss_rates), *(b[0] for b in task.baselines),
            *SPD_ROWS]
-  return sorted(rows, key=lambda r: names.index(r["name"]) if r["name"] in names else len(names))
+
+  def key(row):  # a row at another codebook size (NAME_kK) right after NAME, by K
+    base, _, size = row["name"].rpartition("_k")
+    if row["name"] not in names and base in names and size.isdigit():
+      return names.index(base), int(size)
+    return (names.index(row["name"]) if row["name"] in names else len(names)), 0
+
+  return sorted(rows, key=key)
 
 
 def write(args, task: Task, rows: list[dict], kept: list[dict] = ()) -> None:

@@ -93,31 +93,35 @@ def test_results_command_reuses_exact_run(exact_run, corpus, tmp_path):
   out = tmp_path / "r.json"
   command = ["infer.results", "gpt2", f"--root={tmp_path}/runs", "--mesh=2",
              f"--exact-workdir={workdir}", "--only", "vq_g1_kmeans", "tp", "spd",
-             f"--results={out}",
+             f"--results={out}", "--codebook-size=16",
              f"--markdown={md}", "--extra", f"--config.text={corpus}", "--config.steps=20",
-             "--config.vq.codebook_size=16", *TINY]
-  # a previous results file: its rows of other variants are kept, stale ones replaced
+             *TINY]
+  # a previous results file: its rows of other variants (and of the default codebook
+  # size) are kept, stale ones replaced
   kept = dict(name="vq_g32", label="ASTRA G=32", groups=32, bits_per_token=320,
               bytes_per_device=1234, perplexity=99.0)
-  stale = [dict(kept, name=n, perplexity=1e9)
-           for n in ("single_device", "exact", "vq_g1_kmeans", "spd", "spd_distilled")]
-  out.write_text(json.dumps({"rows": [*stale, kept]}))
+  kept_k1024 = dict(kept, name="vq_g1_kmeans", groups=1, bits_per_token=16)
+  stale = [dict(kept, name=n, perplexity=1e9) for n in
+           ("single_device", "exact", "vq_g1_kmeans_k16", "spd", "spd_distilled")]
+  out.write_text(json.dumps({"rows": [*stale, kept, kept_k1024]}))
   result = run(*command)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "resuming from step 20" in result.stdout  # the exact run is reused, not retrained
   rows = json.loads(out.read_text())["rows"]
   assert [r["name"] for r in rows] == ["single_device", "exact", "vq_g32", "vq_g1_kmeans",
-                                       "tp", "spd", "spd_distilled"]
-  assert rows[2] == kept
+                                       "vq_g1_kmeans_k16", "tp", "spd", "spd_distilled"]
+  assert rows[2] == kept and rows[3] == kept_k1024
+  del rows[3]
   assert rows[4]["perplexity"] == pytest.approx(rows[1]["perplexity"], rel=1e-5)  # tp exact
   assert rows[5]["drop"] == rows[6]["drop"] and rows[5]["bytes_per_device"] < \
       rows[4]["bytes_per_device"]
   assert rows[0]["perplexity"] == pytest.approx(rows[1]["perplexity"], rel=1e-5)
   assert rows[1]["perplexity"] == pytest.approx(trained["perplexity"], rel=1e-5)
   assert rows[3]["exchange"] == "vq" and rows[3]["bits_per_token"] == 8  # 4 bits -> 1 byte
+  assert (tmp_path / "runs" / "vq_g1_kmeans_k16").is_dir()  # apart from a K=1024 run
   text = md.read_text()
   assert "old" not in text and text.endswith("<!-- gpt2-results:end -->\ntail\n")
-  assert "| ASTRA G=1, k-means only (no fine-tuning) | 1 | 8 |" in text
+  assert "| ASTRA G=1, k-means only (no fine-tuning), K=16 | 1 | 8 |" in text
   # P=2: the all-reduces' 2 (P-1)/P = 1x their buffer reach a device, the all-gather 1x
   assert "| tensor parallel (Megatron) | - | - | 16,384 | 0.5x | 16,384 |" in text
   assert rows[1]["bytes_received_per_device"] == rows[1]["bytes_per_device"] == 8192
