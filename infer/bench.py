@@ -11,7 +11,9 @@ roofline (``astra_jax.netsim.devices``) or, for profile ``measured`` (``--measur
 adds it for the tiny models), timed on this host; ``astra_jax.netsim.latency``
 combines them.  Strategies are spec strings: a K/V exchange of sequence
 parallelism (``astra_jax.core.exchange.available()``: ``exact``, ``ring``,
-``vq:groups=32``, ``vq:groups=1,codebook_size=256``) or a tensor-parallel sync
+``vq:groups=32``, ``vq:groups=1,codebook_size=256``; ``overlap=true`` on exact or vq
+hides up to the local block's attention time of each layer under its transfer,
+``astra_jax.netsim.latency``) or a tensor-parallel sync
 (``astra_jax.core.sync.available()``: ``tp``, ``spd:drop=all``,
 ``flash:bits=4,group_size=128``).  Writes bench.json (every row), bench.md
 (tables and the comparison with the ASTRA paper) and PNG plots to --out; the
@@ -63,6 +65,10 @@ def parse(argv):
                  help="fixed latency per collective message, ms")
   p.add_argument("--efficiency", type=cli.positive, default=1.0,
                  help="fraction of a profile's peak FLOP/s reached (roofline)")
+  p.add_argument("--link-efficiency", type=link_efficiency, default=(), metavar="KIND=E,...",
+                 help="fraction of the bandwidth each collective kind reaches, e.g. "
+                      "all-gather=0.6,all-reduce=0.85 (measured by infer.collective_time; "
+                      "default 1 for every kind)")
   p.add_argument("--repeats", type=cli.at_least(1), default=5, help="timed runs per measurement")
   p.add_argument("--out", default=os.path.join("results", "bench"))
   args = p.parse_args(argv)
@@ -70,6 +76,23 @@ def parse(argv):
     if getattr(args, key) is None:
       setattr(args, key, list(value))
   return args
+
+
+def link_efficiency(text: str) -> tuple[tuple[str, float], ...]:
+  """'all-gather=0.6,all-reduce=0.85' -> (('all-gather', 0.6), ('all-reduce', 0.85))."""
+  import argparse
+  pairs = []
+  for item in filter(None, text.split(",")):
+    kind, eq, value = item.partition("=")
+    try:
+      eff = float(value)
+    except ValueError:
+      eff = None
+    if not eq or eff is None or not 0 < eff <= 1:
+      raise argparse.ArgumentTypeError(
+          f"expected KIND=E with E in (0, 1], e.g. all-gather=0.6,all-reduce=0.85; got {item!r}")
+    pairs.append((kind.strip(), eff))
+  return tuple(pairs)
 
 
 def validate(args) -> None:
@@ -90,6 +113,8 @@ def validate(args) -> None:
     latency.Trace.parse(args.trace)
   if args.latency_ms < 0 or not 0 < args.efficiency <= 1 or args.repeats < 1:
     raise ValueError("--latency-ms must be >= 0, --efficiency in (0, 1], --repeats >= 1")
+  for topology in args.topology:  # unknown kinds named with the fix
+    latency.Network(latency.Trace.constant(1.0), topology, link_efficiency=args.link_efficiency)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,14 +151,15 @@ def _command(argv) -> str:
 def run(args):
   """Every row of the matrix, and the paper-comparison numbers (or None)."""
   import tqdm
-  from astra_jax.netsim import devices, latency, workloads
+  from astra_jax.netsim import devices, flops, latency, workloads
   from astra_jax.core import exchange
   from astra_jax.parallel import mesh as mesh_lib
 
   models = [workloads.get(m) for m in args.models]
   exchanges = {spec: workloads.parse_strategy(spec) for spec in args.exchanges}
   # exact SP is every row's baseline, run even when not asked for
-  exact_spec = next((s for s, e in exchanges.items() if e.name == "exact"), "exact")
+  exact_spec = next((s for s, e in exchanges.items() if e.name == "exact" and not e.overlap),
+                    "exact")
   exchanges_all = {exact_spec: exchange.from_spec(exact_spec), **exchanges}
   for w in models:
     for p in args.mesh:
@@ -192,19 +218,37 @@ def run(args):
   if args.trace:
     networks.append((None, latency.Trace.parse(args.trace)))
 
+  def overlap_s(w, p, spec, layer_s) -> float:
+    """The part of a layer's compute an overlapped exchange runs while its K/V
+    travel: the local block's share of the layer's FLOPs (0 without overlap)."""
+    ex = exchanges_all[spec]
+    if p == 1 or not getattr(ex, "overlap", False):
+      return 0.0
+    layer = workloads.costs(w, p, ex)[0]
+    return layer_s * flops.local_attention_cost(w.shape, p).flops / layer.flops
+
   def latency_of(w, source, p, spec, trace, topology):
     pt = point(w, source, p, spec)
     tr = traffic.get((w.name, p, spec), workloads.LayerTraffic((), ()))
-    net = latency.Network(trace, topology, args.latency_ms / 1e3)
+    net = latency.Network(trace, topology, args.latency_ms / 1e3, args.link_efficiency)
     return latency.prefill_latency(
         layers=w.layers, layer_compute_s=pt.layer_s, layer_transfers=tr.per_layer,
         mesh_size=p, network=net, embed_s=pt.embed_s, head_s=pt.head_s,
-        final_transfers=tr.final), tr
+        final_transfers=tr.final, layer_overlap_s=overlap_s(w, p, spec, pt.layer_s)), tr
 
   def row(w, source, p, spec, mbps, trace, topology):
     single, _ = latency_of(w, source, 1, exact_spec, trace, topology)
     exact, _ = latency_of(w, source, p, exact_spec, trace, topology)
     lat, tr = latency_of(w, source, p, spec, trace, topology)
+    overlapped = getattr(exchanges_all[spec], "overlap", False)
+    pt = point(w, source, p, spec)
+    # the model's inputs, so a reader can recompute the row with other link
+    # parameters (infer.model_check does, with measured link efficiencies)
+    inputs = {"layer_compute_s": pt.layer_s, "embed_s": pt.embed_s, "head_s": pt.head_s,
+              "layer_overlap_s": overlap_s(w, p, spec, pt.layer_s),
+              "message_latency_s": args.latency_ms / 1e3,
+              "transfers": {part: [[t.kind, t.count, t.operand_bytes] for t in getattr(tr, part)]
+                            for part in ("per_layer", "final")}}
     return {
         "model": w.name, "tokens": w.tokens, "layers": w.layers, "profile": source,
         "compute": "measured" if source == MEASURED else "roofline",
@@ -220,6 +264,9 @@ def run(args):
             ("exact_sp_s", exact.total_s),
             ("speedup_vs_single", single.total_s / lat.total_s),
             ("speedup_vs_exact", exact.total_s / lat.total_s))},
+        # overlapped exchanges only: communication hidden under the local attention
+        **({"comm_hidden_s": float(f"{lat.hidden_s:.6g}")} if overlapped else {}),
+        "model_inputs": inputs,
     }
 
   rows = []
@@ -255,8 +302,8 @@ def run(args):
   # matrix's switched network, per-message latency) and the paper's (outgoing
   # bits / bandwidth, nothing per message), on its GPU's spec-sheet profile and
   # on any measured one in the run ('host': this machine's measured FLOP/s)
-  astra = {e.groups: s for s, e in exchanges.items()
-           if e.name == "vq" and e.groups in (1, 32) and e.codebook_size == 1024}
+  astra = {e.groups: s for s, e in exchanges.items() if e.name == "vq"
+           and e.groups in (1, 32) and e.codebook_size == 1024 and not e.overlap}
   paper = None
   if PAPER["model"] in args.models and PAPER["mesh"] in args.mesh and astra:
     profiles.setdefault(PAPER["profile"], devices.get(PAPER["profile"]))

@@ -17,7 +17,8 @@ from collections import defaultdict
 FORMULA = (
     "latency = embed + sum over layers [compute + sum over collectives "
     "(wire bytes x 8 / bandwidth + per-message latency)] + head + final collectives, "
-    "no overlap of compute and communication")
+    "no overlap of compute and communication; a strategy with overlap=true pays "
+    "max(0, collectives - local-block attention) per layer instead of the collectives")
 TOPOLOGY_TEXT = {
     "switched": "switched full duplex: each device has its own link through a switch; an "
                 "all-gather costs (P-1) x shard bytes on a device's downlink",

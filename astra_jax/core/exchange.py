@@ -18,6 +18,16 @@ strategy.  Strategies here:
          before the ``all_gather`` and decoded by the receiver.
   ring   exact K/V passed device to device around a ring (``ppermute``), with
          blockwise softmax as the blocks arrive (``astra_jax.core.ring``).
+
+Overlap (``overlap=true`` on exact or vq, e.g. ``vq:groups=32,overlap=true``):
+``attend`` issues the layer's all-gather first, then folds this device's own
+block (exact, private tokens included) into the ring's online softmax
+(``ring.fold``), which needs nothing from the collective, and only then the
+gathered sequence with the own block masked out.  A backend with async
+collectives can compute the local block's attention while the codes travel.
+The result equals the dense path up to float rounding, with the same one
+all-gather per layer and the same attention work, plus one rescale of the
+running sums (``astra_jax.netsim.flops``).
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from astra_jax.core import noise as noise_lib
 from astra_jax.core import packing
 from astra_jax.core import quantizer as vq
 from astra_jax.core import ring
-from astra_jax.core.dot_product import dot_product_attention
+from astra_jax.core.dot_product import dot_product_attention, visible
 from astra_jax.core.specs import Registry
 
 
@@ -60,8 +70,10 @@ from_spec = STRATEGIES.from_spec  # 'vq:groups=32,codebook_size=1024' -> a strat
 
 def same_state(a: "Exchange", b: "Exchange") -> bool:
   """Whether a model trained with exchange ``a`` can reuse its state under ``b``
-  (the same strategy and options; the simulated link loss may differ)."""
-  return dataclasses.replace(a, drop_rate=0.0) == dataclasses.replace(b, drop_rate=0.0)
+  (the same strategy and options; the simulated link loss and the overlap may
+  differ)."""
+  plain = lambda e: dataclasses.replace(e, drop_rate=0.0, overlap=False)
+  return plain(a) == plain(b)
 
 
 def _gather_blocks(x: jnp.ndarray, axis_name: str) -> jnp.ndarray:
@@ -92,10 +104,13 @@ class Exchange:
              receiver with probability 1 - drop_rate, independently per
              receiver, layer and forward; attention masks lost tokens out
              (``attention.attend``), it does not zero-fill them.  0 by default.
+  overlap:   start the all-gather before the local block's attention and fold
+             the other blocks in afterwards (module docstring); same result.
   """
 
   name: ClassVar[str] = "base"
   drop_rate: float = 0.0
+  overlap: bool = False
 
   def __post_init__(self):
     if not 0.0 <= self.drop_rate < 1.0:
@@ -123,8 +138,9 @@ class Exchange:
              private: int = 0, query_transform: Callable | None = None,
              key_transform: Callable | None = None) -> tuple[jnp.ndarray, ExchangeOut]:
     """``attention.attend`` (its docstring has the arguments): ``gather`` the
-    shared K/V, then softmax attention over the whole sequence at once, with
-    tokens lost on the link (``drop_rate``) masked out."""
+    shared K/V, then softmax attention over the whole sequence at once (with
+    ``overlap``, the own block first, then the rest: ``_attend_overlapped``),
+    with tokens lost on the link (``drop_rate``) masked out."""
     lossy = self.drop_rate > 0 and axis_name is not None
     if lossy:
       if key is None:
@@ -132,23 +148,60 @@ class Exchange:
       key, drop_key = jax.random.split(key)
     out = self.gather(state, k[:, private:], v[:, private:], axis_name=axis_name,
                       train=train, key=key if train else None)
-    k_all = jnp.concatenate([k[:, :private], out.k], axis=1)
-    v_all = jnp.concatenate([v[:, :private], out.v], axis=1)
     tl = q.shape[1]
     index = 0 if axis_name is None else jax.lax.axis_index(axis_name)
     q_pos = index * tl + jnp.arange(tl)
-    k_pos = jnp.arange(k_all.shape[1])
     if query_transform is not None:
       q = query_transform(q, q_pos)
-    if key_transform is not None:
-      k_all = key_transform(k_all, k_pos)
-    valid = None
+    received = None
     if lossy:
       received = received_tokens(drop_key, self.drop_rate, out.k.shape[0],
                                  out.k.shape[1], k.shape[1] - private, axis_name)
+    if self.overlap and axis_name is not None:
+      return _attend_overlapped(q, k, v, out, q_pos=q_pos, index=index, private=private,
+                                causal=causal, key_transform=key_transform,
+                                received=received), out
+    k_all = jnp.concatenate([k[:, :private], out.k], axis=1)
+    v_all = jnp.concatenate([v[:, :private], out.v], axis=1)
+    k_pos = jnp.arange(k_all.shape[1])
+    if key_transform is not None:
+      k_all = key_transform(k_all, k_pos)
+    valid = None
+    if received is not None:
       valid = jnp.concatenate([jnp.ones((k.shape[0], private), bool), received], axis=1)
     return dot_product_attention(q, k_all, v_all, q_pos=q_pos, k_pos=k_pos,
                                  causal=causal, kv_valid=valid), out
+
+
+def _attend_overlapped(q, k, v, out: ExchangeOut, *, q_pos, index, private: int,
+                       causal: bool, key_transform: Callable | None,
+                       received: jnp.ndarray | None) -> jnp.ndarray:
+  """``Exchange.attend`` with ``overlap``: the own block, then the other P - 1.
+
+  q: this device's queries (transformed), k/v: its local K/V (private tokens
+  first), ``out``: the issued exchange; ``received`` [B, P Ts]: the tokens that
+  survived a lossy link (None: all).  Positions as in ``attention.attend``.
+  """
+  ts = k.shape[1] - private
+  size = out.k.shape[1] // ts
+  own_pos = jnp.concatenate([jnp.arange(private), private + index * ts + jnp.arange(ts)])
+  k_own = k if key_transform is None else key_transform(k, own_pos)
+  # needs nothing from the collective, so it can run while the K/V travel
+  run = ring.fold(None, q, k_own, v, visible(q_pos, own_pos, causal))
+  if size == 1:
+    return ring.finish(run, q.dtype)
+  others = (index + 1 + jnp.arange(size - 1)) % size  # every other device's block
+
+  def pick(x):  # [B, P Ts, ...] -> the other devices' blocks [B, (P-1) Ts, ...]
+    blocks = x.reshape(x.shape[0], size, ts, *x.shape[2:])
+    return jnp.take(blocks, others, axis=1).reshape(x.shape[0], -1, *x.shape[2:])
+
+  k_pos = private + (others[:, None] * ts + jnp.arange(ts)).reshape(-1)
+  k_rest = pick(out.k) if key_transform is None else key_transform(pick(out.k), k_pos)
+  mask = visible(q_pos, k_pos, causal)
+  if received is not None:
+    mask = mask[None] & pick(received)[:, None]  # [B, Tq, (P-1) Ts]
+  return ring.finish(ring.fold(run, q, k_rest, pick(out.v), mask), q.dtype)
 
 
 def received_tokens(key: jax.Array, drop_rate: float, batch: int, total: int, local: int,
@@ -188,7 +241,8 @@ class RingExchange(Exchange):
   the next device P - 1 times (``ppermute``), attention folded in block by block
   with an online softmax, so no device needs the whole K/V at once to attend.
   Exact: equal to ``exact`` up to float rounding, with the same bytes per token.
-  It models no link loss (``drop_rate`` must be 0).
+  It models no link loss (``drop_rate`` must be 0) and takes no ``overlap`` (it
+  already folds each block in as it arrives).
   """
 
   name: ClassVar[str] = "ring"
@@ -199,6 +253,9 @@ class RingExchange(Exchange):
       raise ValueError(
           f"the ring exchange does not model link loss (drop_rate={self.drop_rate}); "
           "use exact or vq for a lossy link")
+    if self.overlap:
+      raise ValueError("the ring exchange already attends block by block as K/V arrive; "
+                       "overlap=true is for exact and vq")
 
   def gather(self, state, k, v, *, axis_name, train=False, key=None):
     del train, key

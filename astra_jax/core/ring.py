@@ -101,8 +101,10 @@ def _per_query(x):
 
 
 def fold(run: Running | None, q, k, v, mask) -> Running:
-  """Folds one block of keys k, values v [B, Tk, Hkv, Dh] (mask [Tq, Tk]) into ``run``."""
-  logits = jnp.where(mask[None, None, None], grouped_logits(q, k), MASKED)
+  """Folds one block of keys k, values v [B, Tk, Hkv, Dh] into ``run``; ``mask``:
+  the visible keys, [Tq, Tk] (every example) or [B, Tq, Tk]."""
+  mask = mask[None] if mask.ndim == 2 else mask
+  logits = jnp.where(mask[:, None, None], grouped_logits(q, k), MASKED)
   block_max = logits.max(axis=-1)
   new_max = jax.lax.stop_gradient(
       block_max if run is None else jnp.maximum(run.max, block_max))

@@ -47,6 +47,16 @@ Exchanges add their own work through ``EXCHANGE_COSTS`` (per device, P > 1):
          add and argmin) + 2 K_cb Dkv (|e|^2); bytes: the codebook twice (K_cb Dkv s
          each) and the distance matrix written and read (2 ns G K_cb s).
          Decoding is a gather whose output is the K/V already counted above.
+
+  overlap=true on an exchange (``astra_jax.core.exchange``) adds one online-softmax
+  merge (the own block's running sums rescaled when the other blocks are
+  folded in): one ring step, 2 n D + 5 n H FLOPs, 8 (n D + 2 n H) bytes.
+
+``local_attention_cost``: the part of the attention terms above over this
+device's own Tl = T/P + private keys, which an overlapped exchange computes
+while the K/V travel (``astra_jax.netsim.latency``'s ``layer_overlap_s``):
+
+  local     4 n Tl Da + 5 n H Tl FLOPs;  bytes 2 s (2 Tl Dkv + 2 n H Tl)
 """
 
 from __future__ import annotations
@@ -124,6 +134,14 @@ def layer_cost(shape: LayerShape, mesh_size: int, exchange: Any = None) -> Cost:
   return cost
 
 
+def local_attention_cost(shape: LayerShape, mesh_size: int) -> Cost:
+  """The scores, softmax and values of one layer over this device's own keys
+  only (``local`` in the module docstring)."""
+  h, s, dkv, da = shape.heads, shape.itemsize, shape.kv, shape.attn
+  n = tl = shape.local_tokens(mesh_size) + shape.private
+  return Cost(4 * n * tl * da + 5 * n * h * tl, 2 * s * (2 * tl * dkv + 2 * n * h * tl))
+
+
 def dense_cost(rows: int, fan_in: int, fan_out: int, itemsize: int = 4) -> Cost:
   """A linear layer applied to ``rows`` vectors (embeddings, heads)."""
   return Cost(2 * rows * fan_in * fan_out,
@@ -168,7 +186,16 @@ register_sync_cost = SYNC_COSTS.register  # the work a tensor-parallel sync adds
 
 def exchange_cost(exchange: Any, shape: LayerShape, mesh_size: int) -> Cost:
   """The extra work of ``exchange`` (an ``astra_jax.core.exchange`` strategy) per layer."""
-  return EXCHANGE_COSTS(exchange, shape, mesh_size)
+  cost = EXCHANGE_COSTS(exchange, shape, mesh_size)
+  if getattr(exchange, "overlap", False):
+    cost = cost + _online_merge_cost(shape, mesh_size, steps=1)
+  return cost
+
+
+def _online_merge_cost(shape: LayerShape, mesh_size: int, steps: int) -> Cost:
+  """``steps`` rescales of the float32 accumulator [n, D] and running max/sum [n, H]."""
+  n, d, h = shape.local_tokens(mesh_size) + shape.private, shape.width, shape.heads
+  return Cost(steps * (2 * n * d + 5 * n * h), steps * 2 * 4 * (n * d + 2 * n * h))
 
 
 @register_exchange_cost("exact")
@@ -180,9 +207,7 @@ def _exact_cost(exchange, shape, mesh_size) -> Cost:
 @register_exchange_cost("ring")
 def _ring_cost(exchange, shape, mesh_size) -> Cost:
   del exchange
-  n, steps = shape.local_tokens(mesh_size) + shape.private, mesh_size - 1
-  d, h = shape.width, shape.heads
-  return Cost(steps * (2 * n * d + 5 * n * h), steps * 2 * 4 * (n * d + 2 * n * h))
+  return _online_merge_cost(shape, mesh_size, steps=mesh_size - 1)
 
 
 @register_exchange_cost("vq")

@@ -8,11 +8,28 @@ from the compiled program by ``astra_jax.netsim.traffic``).  One device's latenc
   latency = embed + sum over layers [compute_layer + sum over collectives comm(c)]
             + head + sum over final collectives comm(c)
 
-with no overlap of compute and communication (every layer waits for its K/V).
+with no overlap of compute and communication (every layer waits for its K/V),
+unless a layer can overlap part of its compute with its own transfers: with
+``layer_overlap_s`` = o seconds of a layer's compute c that need nothing from
+the transfers (an exchange with ``overlap=true``: the local block's
+attention), the layer's transfers start once the other c - o seconds are done
+and the layer ends when both they and the o seconds are:
+
+  layer = compute_layer + max(0, sum over collectives comm(c) - o),   o <= compute_layer
+
+(o = 0 is the formula above).  Only a layer's own transfers overlap; the
+final collectives (after the head) do not.  ``Latency.comm_s`` is then the
+communication left exposed, and ``hidden_s`` what ran under compute.
+
 A collective's time is its bytes on the bottleneck link divided by the
 bandwidth, plus a fixed per-message latency alpha for each collective op:
 
-  comm(c) = wire_bytes(c) * 8 / B + alpha * count(c)
+  comm(c) = wire_bytes(c) * 8 / (B * e(c)) + alpha * count(c)
+
+where e(c), the link efficiency of the collective's kind, is 1 unless given
+(``Network.link_efficiency``): TCP collectives on a real link reach only part
+of its rate, and ``infer.model_check`` measures that part per kind with
+``infer.collective_time`` on the shaped testbed.
 
 ``wire_bytes`` depends on the topology (s = operand bytes per device, P devices):
 
@@ -166,24 +183,40 @@ class Network:
   trace: Trace
   topology: str = DEFAULT_TOPOLOGY
   message_latency_s: float = DEFAULT_MESSAGE_LATENCY_S
+  # (collective kind, fraction of the bandwidth it reaches), e.g. measured on a
+  # real link by ``infer.collective_time``; kinds not listed reach all of it
+  link_efficiency: tuple[tuple[str, float], ...] = ()
 
   def __post_init__(self):
     check_topology(self.topology)
     if self.message_latency_s < 0:
       raise ValueError(f"message latency must be >= 0 s, got {self.message_latency_s}")
+    object.__setattr__(self, "link_efficiency", tuple(sorted(dict(self.link_efficiency).items())))
+    for kind, eff in self.link_efficiency:
+      if kind not in _WIRE[self.topology]:
+        raise ValueError(f"link efficiency for unknown collective {kind!r}; known: "
+                         f"{sorted(_WIRE[self.topology])}")
+      if not 0 < eff <= 1:
+        raise ValueError(f"link efficiency of {kind} must be in (0, 1], got {eff}")
 
   def seconds(self, transfer: Transfer, mesh_size: int, start: float = 0.0) -> float:
-    """comm(c) of the module docstring, for a transfer starting at ``start``."""
+    """comm(c) of the module docstring, for a transfer starting at ``start``; a
+    collective kind with link efficiency e moves its bytes at e x the bandwidth."""
     if mesh_size <= 1 or transfer.count == 0:
       return 0.0
     nbytes = wire_bytes(transfer.kind, transfer.operand_bytes, mesh_size, self.topology)
+    nbytes /= dict(self.link_efficiency).get(transfer.kind.removesuffix("-start"), 1.0)
     return self.trace.transfer_seconds(start, nbytes) + self.message_latency_s * transfer.count
 
 
 @dataclasses.dataclass(frozen=True)
 class Latency:
+  """compute_s + comm_s (the communication not hidden under compute) = total_s;
+  hidden_s: communication that ran while the device computed (not in the total)."""
+
   compute_s: float
   comm_s: float
+  hidden_s: float = 0.0
 
   @property
   def total_s(self) -> float:
@@ -202,26 +235,34 @@ def roofline_seconds(cost: Cost, peak_flops: float, mem_bandwidth: float,
 def prefill_latency(*, layers: int, layer_compute_s: float,
                     layer_transfers: Sequence[Transfer], mesh_size: int,
                     network: Network, embed_s: float = 0.0, head_s: float = 0.0,
-                    final_transfers: Iterable[Transfer] = ()) -> Latency:
+                    final_transfers: Iterable[Transfer] = (),
+                    layer_overlap_s: float = 0.0) -> Latency:
   """One device's prefill latency (module docstring), walking the timeline.
 
   The timeline matters only for a bandwidth trace: each transfer starts when
-  the compute before it ends.
+  the compute before it ends (a layer's: all but its ``layer_overlap_s``).
   """
   if layers < 1:
     raise ValueError(f"layers must be >= 1, got {layers}")
+  if not 0 <= layer_overlap_s <= layer_compute_s:
+    raise ValueError(f"layer_overlap_s must be in [0, layer_compute_s={layer_compute_s}], "
+                     f"got {layer_overlap_s}")
   t = compute = embed_s
-  comm = 0.0
+  comm = hidden = 0.0
 
-  def send(transfers):
-    nonlocal t, comm
+  def send(transfers) -> float:
+    nonlocal t
+    start = t
     for tr in transfers:
-      dt = network.seconds(tr, mesh_size, start=t)
-      t, comm = t + dt, comm + dt
+      t += network.seconds(tr, mesh_size, start=t)
+    return t - start
 
   for _ in range(layers):
-    t, compute = t + layer_compute_s, compute + layer_compute_s
-    send(layer_transfers)
+    t += layer_compute_s - layer_overlap_s
+    busy = send(layer_transfers)
+    t += max(0.0, layer_overlap_s - busy)  # the overlapped compute outlasts the transfers
+    compute += layer_compute_s
+    comm, hidden = comm + max(0.0, busy - layer_overlap_s), hidden + min(busy, layer_overlap_s)
   t, compute = t + head_s, compute + head_s
-  send(final_transfers)
-  return Latency(compute, comm)
+  comm += send(final_transfers)
+  return Latency(compute, comm, hidden)

@@ -157,7 +157,8 @@ def check_writable(path: str, flag: str, *, directory: bool) -> None:
 
 def add_exchange_flags(parser: argparse.ArgumentParser) -> None:
   g = parser.add_argument_group("exchange (how K/V cross devices)")
-  g.add_argument("--exchange", default="exact", help="strategy name: exact | vq | ring")
+  g.add_argument("--exchange", default="exact",
+                 help="strategy: exact | vq | ring, or a spec, e.g. vq:groups=32,overlap=true")
   g.add_argument("--groups", type=at_least(1), default=32, help="vq: groups G per K/V vector")
   g.add_argument("--codebook-size", type=at_least(2), default=1024,
                  help="vq: entries K per codebook")
@@ -197,11 +198,14 @@ def sync_from_flags(args: argparse.Namespace):
 
 
 def exchange_from_flags(args: argparse.Namespace):
-  from astra_jax.core import exchange
-  options = {}
-  if args.exchange == "vq":
-    options = {"groups": args.groups, "codebook_size": args.codebook_size}
-  return exchange.make_exchange(args.exchange, **options)
+  """The exchange of ``--exchange`` (a name or a spec such as
+  ``vq:groups=32,overlap=true``); vq options the spec leaves out come from
+  ``--groups`` / ``--codebook-size``.  ValueError naming the fix."""
+  from astra_jax.core import exchange, specs
+  name, options = specs.parse_spec(args.exchange, example=exchange.STRATEGIES.example)
+  if name == "vq":
+    options = {"groups": args.groups, "codebook_size": args.codebook_size, **options}
+  return exchange.make_exchange(name, **options)
 
 
 def print_result(result: dict[str, Any], out: str | None = None) -> None:

@@ -37,7 +37,7 @@ def for_evaluation(cfg: ml_collections.ConfigDict, spec: str | None, run: str,
           "--config.exchange=vq --workdir NEW_DIR")
     raise ValueError(
         f"{run}'s codebooks are G={trained.groups} groups of K={trained.codebook_size} "
-        f"entries; evaluate it with --exchange vq (only drop_rate may change), or fine-tune "
+        f"entries; evaluate it with --exchange vq (only drop_rate and overlap may change), or fine-tune "
         f"a run with the other sizes: python -m {train_cli} --init-from {run} "
         "--config.exchange=vq --config.vq.groups=G --workdir NEW_DIR")
   return target
