@@ -51,7 +51,7 @@ def parse(argv):
                  help="Mbit/s of every link, each direction")
   p.add_argument("--cores-per-proc", type=cli.at_least(1), default=1,
                  help="pin rank i to cores i*C..i*C+C-1 (0: no pinning)")
-  p.add_argument("--probe-mb", type=cli.positive, default=None,
+  p.add_argument("--probe-mb", type=cli.nonnegative, default=None,
                  help="MB sent to measure throughput before the run (default: 2 s at --rate, "
                  "at least 2.5 MB; 0: skip)")
   p.add_argument("--check-throughput", action="store_true",

@@ -81,6 +81,28 @@ def test_topologies():
       4 * 20480 * 8 / 10e6 + 2e-3)
 
 
+def test_link_efficiency_slows_only_its_kind():
+  # all-gathers reach half the link, all-reduces all of it; alpha is not scaled
+  net = latency.Network(latency.Trace.constant(8), "switched", 1e-3,
+                        (("all-gather", 0.5),))  # 1 MB/s
+  assert net.seconds(latency.Transfer("all-gather", 2, 1000), 4) == pytest.approx(
+      2 * 3000 / 1e6 + 2e-3)
+  assert net.seconds(latency.Transfer("all-gather-start", 1, 1000), 2) == pytest.approx(
+      2 * 1000 / 1e6 + 1e-3)
+  assert net.seconds(latency.Transfer("all-reduce", 1, 1000), 2) == pytest.approx(
+      1000 / 1e6 + 1e-3)
+  # a bandwidth trace integrates the inflated bytes: 1 MB/s for 1 s, then 2 MB/s
+  traced = latency.Network(latency.Trace(((0, 8), (1, 16))), "switched", 0.0,
+                           {"collective-permute": 0.25})
+  assert traced.seconds(latency.Transfer("collective-permute", 1, 0.75e6), 2) == \
+      pytest.approx(1 + 2e6 / 2e6)
+  for bad, msg in [((("all-gather", 0.0),), "in \\(0, 1\\]"),
+                   ((("all-gather", 1.5),), "in \\(0, 1\\]"),
+                   ((("send", 0.5),), "unknown collective")]:
+    with pytest.raises(ValueError, match=msg):
+      latency.Network(latency.Trace.constant(8), "switched", 0.0, bad)
+
+
 def test_trace_integration():
   trace = latency.Trace(((0, 8), (1, 16)))  # 1 MB/s for a second, then 2 MB/s
   assert trace.transfer_seconds(0, 3e6) == pytest.approx(2.0)  # 1 MB + 2 MB

@@ -116,6 +116,16 @@ def _llama8b_options():
   return tuple(opts.items()) + (("variant", "8b"),)
 
 
+def _smollm2_options():
+  """The bundled SmolLM2-135M's shape, read from its GGUF metadata (the file must be
+  installed: ``bash setup.sh``), with a 1024-token prefill."""
+  from astra_jax.io import pretrained
+  cfg = pretrained.model_config(pretrained.parse("smollm2"))
+  keep = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+          if f.name not in ("exchange", "sync")}
+  return tuple(dict(keep, context=1024).items())
+
+
 WORKLOADS = {w.name: w for w in [
     Workload("vit-b16", "vit", "ViT-B/16, 512x512 RGB image = 1024 patches, 1000 classes",
              (("variant", "B/16"), ("image_size", 512), ("channels", 3),
@@ -129,6 +139,8 @@ WORKLOADS = {w.name: w for w in [
              (("variant", "mini"), ("vocab_size", 256), ("context", 1024))),
     Workload("llama3-8b", "llama", "Llama 3.1 8B shape (32 x 4096, 8 K/V heads of 128), "
              "prefill of 1024 tokens", _llama8b_options),
+    Workload("smollm2", "llama", "SmolLM2-135M-Instruct, the bundled pretrained model "
+             "(30 x 576, 9 heads, 3 K/V heads of 64), prefill of 1024 tokens", _smollm2_options),
     Workload("vit-mu7", "vit", "ViT-mu/7 on 28x28 Fashion-MNIST = 16 patches (tiny)",
              (("variant", "mu/7"), ("image_size", 28), ("channels", 1),
               ("num_classes", 10)), tiny=True),
