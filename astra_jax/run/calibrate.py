@@ -4,11 +4,14 @@ ASTRA fine-tunes from a full-precision model; its codebooks start from k-means
 on that model's K/V.  ``kmeans_codebooks`` runs the model on one device (no
 exchange, so every layer sees exact K/V, as the trained model expects),
 records each attention layer's K and V, and fits one grouped codebook per
-layer for K and one for V.
+layer for K and one for V.  The result is cached on disk under a hash of
+everything it depends on (``astra_jax.run.codebook_cache``): the same model,
+calibration batches, seed and (G, K) load it instead of fitting again.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import jax
@@ -18,6 +21,7 @@ from flax import nnx
 from astra_jax.core import quantizer as vq
 from astra_jax.core.attention import attention_layers
 from astra_jax.core.exchange import VQExchange, VQState
+from astra_jax.run import codebook_cache
 
 
 def record_kv(model: nnx.Module, batches: Iterable[tuple], max_tokens: int) -> list[tuple]:
@@ -47,17 +51,83 @@ def record_kv(model: nnx.Module, batches: Iterable[tuple], max_tokens: int) -> l
           for k, v in zip(ks, vs)]
 
 
+def take_batches(model: nnx.Module, batches: Iterable[tuple], max_tokens: int) -> list[tuple]:
+  """The batches ``record_kv(model, batches, max_tokens)`` would consume, as a list.
+
+  A batch's K/V rows (tokens after the layer's private ones, times the batch)
+  come from the model's abstract evaluation (``jax.eval_shape``, no compute),
+  once per batch shape.
+  """
+  layers = attention_layers(model)
+  if not layers:
+    raise ValueError("the model has no SequenceAttention layers to calibrate")
+  model.eval()
+  graphdef, state = nnx.split(model)
+
+  def first_keys(state, batch):
+    m = nnx.merge(graphdef, state)
+    layer = attention_layers(m)[0]
+    layer.record_kv = True
+    m(*batch)
+    return layer.recorded.get_value()[0]
+
+  rows: dict = {}
+  taken, seen = [], 0
+  for batch in batches:
+    taken.append(batch)
+    shape = str(jax.tree.map(lambda a: (jnp.shape(a), jnp.result_type(a)), batch))
+    if shape not in rows:
+      k = jax.eval_shape(first_keys, state, batch)
+      rows[shape] = math.prod(k.shape[:-2])
+    seen += rows[shape]
+    if seen >= max_tokens:
+      break
+  return taken
+
+
+def fit_codebooks(layers: list, samples: list[tuple], key: jax.Array, iters: int) -> list[VQState]:
+  """Per layer, k-means codebooks for its keys and its values (``samples``: per
+  layer ([N, D] keys, [N, D] values), as ``record_kv`` returns them)."""
+  fit = jax.jit(vq.kmeans_init, static_argnums=(2, 3, 4))
+  states = []
+  for layer, (k, v), layer_key in zip(layers, samples, jax.random.split(key, len(layers))):
+    ex = layer.exchange
+    kk, kv = jax.random.split(layer_key)
+    states.append(VQState(fit(kk, k, ex.groups, ex.codebook_size, iters),
+                          fit(kv, v, ex.groups, ex.codebook_size, iters)))
+  return states
+
+
 def kmeans_codebooks(model: nnx.Module, batches: Iterable[tuple], key: jax.Array, *,
-                     max_tokens: int = 4096, iters: int = 10) -> None:
-  """Sets every VQ layer's codebooks by k-means on ``model``'s own K/V (in place)."""
+                     max_tokens: int = 4096, iters: int = 10, cache: bool = True) -> None:
+  """Sets every VQ layer's codebooks by k-means on ``model``'s own K/V (in place).
+
+  With ``cache`` (and the cache not turned off, ``ASTRA_CACHE_DIR=off``) the
+  result is looked up first under a hash of the model's weights, the batches
+  consumed, ``max_tokens``, ``iters``, ``key`` and each layer's (G, K), and
+  saved there after a miss: see ``astra_jax.run.codebook_cache``.  A hit
+  skips both the recording forwards and k-means; its codebooks are bit for bit
+  those k-means computes.
+  """
   layers = attention_layers(model)
   exchanges = {type(m.exchange) for m in layers}
   if exchanges != {VQExchange}:
     raise ValueError(f"k-means calibration needs vq exchanges, the model has {exchanges}")
-  samples = record_kv(model, batches, max_tokens)
-  fit = jax.jit(vq.kmeans_init, static_argnums=(2, 3, 4))
-  for layer, (k, v), layer_key in zip(layers, samples, jax.random.split(key, len(layers))):
-    ex = layer.exchange
-    kk, kv = jax.random.split(layer_key)
-    layer.state.set_value(VQState(fit(kk, k, ex.groups, ex.codebook_size, iters),
-                                  fit(kv, v, ex.groups, ex.codebook_size, iters)))
+  path = None
+  if cache and codebook_cache.folder() is not None:
+    batches = take_batches(model, batches, max_tokens)
+    digest = codebook_cache.key(model, batches, key, max_tokens=max_tokens, iters=iters,
+                                layers=layers)
+    path = digest and codebook_cache.path_for(digest)
+  if path:
+    states = codebook_cache.load(path, [layer.state.get_value() for layer in layers])
+    if states is not None:
+      for layer, state in zip(layers, states):
+        layer.state.set_value(state)
+      codebook_cache.say(f"codebooks: k-means loaded from {path}")
+      return
+  states = fit_codebooks(layers, record_kv(model, batches, max_tokens), key, iters)
+  for layer, state in zip(layers, states):
+    layer.state.set_value(state)
+  if path and codebook_cache.save(path, states):
+    codebook_cache.say(f"codebooks: k-means saved to {path}")

@@ -29,7 +29,8 @@ def start_model(*, init_from: str | None, ckpt: checkpoint.Checkpointer,
 
   Fine-tuning into the ``vq`` exchange starts the codebooks from k-means on
   the trained model's own K/V (``calib_batches()`` yields model inputs that
-  training will not see).  A run with checkpoints resumes from them instead.
+  training will not see; cached on disk, see ``astra_jax.run.codebook_cache``).
+  A run with checkpoints resumes from them instead.
   """
   if not init_from or ckpt.latest_step() is not None:
     return build()

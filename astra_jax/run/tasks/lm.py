@@ -91,7 +91,12 @@ def load_pretrained(spec: str, target: ModelConfig) -> nnx.Module:
 
 def kmeans_codebooks(model: nnx.Module, cfg: ml_collections.ConfigDict, ids: np.ndarray) -> None:
   """ASTRA's codebook start: k-means on ``model``'s own K/V over ``cfg.kmeans_tokens``
-  tokens of random ``cfg.context`` windows of ``ids`` (training text), in place."""
+  tokens of random ``cfg.context`` windows of ``ids`` (training text), in place.
+
+  The windows are a pure function of ``ids``, the context and the seed, so a
+  second run with the same model and text loads the result from the codebook
+  cache (``astra_jax.run.codebook_cache``) instead of fitting again.
+  """
   rng = np.random.default_rng([cfg.seed, 10**9])
   positions = jnp.arange(cfg.context)
   windows = ((jnp.asarray(text_lib.random_windows(ids, 1, cfg.context, rng)[0]), positions)
