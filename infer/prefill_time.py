@@ -3,20 +3,25 @@
   python -m infer.prefill_time --model gpt2:mini --tokens 1024 --exchange vq --groups 32 --mesh 2
   python -m infer.prefill_time --model gpt2:mini --tokens 1024 --mesh 1      # one device
   python -m infer.prefill_time --model gpt2:mini --tokens 1024 --mesh 2 --tp flash:bits=4
+  python -m infer.prefill_time --model smollm2 --tokens 1024 --exchange vq --groups 32 --mesh 2
   python -m infer.testbed --procs 2 --rate 10 -- infer.prefill_time --model gpt2:mini --mesh 2
 
 Builds the model at random initialisation (``gpt2:<variant>`` with a 256-token
 vocabulary and ``--tokens`` positions, or ``vit:<variant>/<patch>`` over
-``--tokens`` patches, a square number), compiles the evaluation forward of
+``--tokens`` patches, a square number), or loads a pretrained LM as the LM
+CLIs do (``smollm2``, ``gguf:PATH``, ``hf:DIR``: the real weights, built with
+the requested exchange, fed ``--tokens`` random token ids; at most the model's
+context), compiles the evaluation forward of
 ``astra_jax.parallel.forward.inference_forward`` for ``--mesh`` devices, runs it
 ``--warmup`` times, then times ``--repeats`` forwards end to end
 (``jax.block_until_ready``), every process starting each one after a barrier.
 A repeat's latency is the slowest process's time.  VQ codebooks are random
-too: what crosses the link (G codes per token, bit-packed) and the work done
-are the same as with trained codebooks, so the latency is, while the outputs
-are meaningless.  ``--mesh 1`` is the single-device baseline (no collectives).
+(pretrained models too: no k-means): what crosses the link (G codes per
+token, bit-packed) and the work done are the same as with trained codebooks,
+so the timing does not depend on the codebook values, while the outputs are
+meaningless.  ``--mesh 1`` is the single-device baseline (no collectives).
 
-The last line is one JSON object: model, tokens, mesh, processes, exchange,
+The last line is one JSON object: model (as given), tokens, mesh, processes, exchange,
 groups, codebook_size, latency_s (median), latency_min_s, latencies_s (every repeat),
 bytes_per_device (collective bytes of the compiled forward, from its HLO),
 compile_s, cores (CPUs this process may run on).
@@ -33,11 +38,15 @@ import time
 from astra_jax.run import cli
 from astra_jax.parallel import distributed
 
+RANDOM_INIT = ("gpt2", "vit")
+PRETRAINED_SCHEMES = ("gguf", "hf")  # astra_jax.io.pretrained.SCHEMES (which imports jax)
+
 
 def parse(argv):
   p = cli.Parser(description=__doc__.split("\n")[0])
   p.add_argument("--model", default="gpt2:mini",
-                 help="gpt2:<nano|micro|mini|small|medium|...> or vit:<mu|xs|Ti|S|B|L>/<patch>")
+                 help="gpt2:<nano|micro|mini|small|medium|...>, vit:<mu|xs|Ti|S|B|L>/<patch> "
+                 "(random init) or a pretrained LM: smollm2 (bundled), gguf:PATH or hf:DIR")
   p.add_argument("--tokens", type=cli.at_least(1), default=1024,
                  help="sequence length (ViT: patches)")
   p.add_argument("--mesh", type=cli.at_least(1), default=2,
@@ -52,9 +61,13 @@ def parse(argv):
   cli.add_tp_flag(p)
   distributed.add_flags(p)
   args = p.parse_args(argv)
-  family, _, variant = args.model.partition(":")
-  if family not in ("gpt2", "vit") or not variant:
-    p.error(f"--model must be gpt2:<variant> or vit:<variant>/<patch>, got {args.model!r}")
+  family, sep, variant = args.model.partition(":")
+  # a bare name is left to astra_jax.io.pretrained (which lists the bundled ones):
+  # importing it here would start jax before --mesh asks for its devices
+  if (family in RANDOM_INIT and not variant) or (
+      sep and family not in RANDOM_INIT + PRETRAINED_SCHEMES) or not args.model:
+    p.error(f"--model must be gpt2:<variant> or vit:<variant>/<patch> (random init), or a "
+            f"pretrained LM: smollm2 (bundled), gguf:PATH or hf:DIR; got {args.model!r}")
   for flag in ("tokens", "mesh", "batch", "repeats"):
     if getattr(args, flag) < 1:
       p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
@@ -64,13 +77,16 @@ def parse(argv):
 
 
 def build(args, exchange, sync=None):
-  """(model, host inputs (x, positions), out_seq_dim, (width, layers)) at random init;
-  ``sync``: the tensor-parallel strategy (None: the default, inert without a tp axis)."""
+  """(model, host inputs (x, positions), out_seq_dim, (width, layers)): at random
+  init, or a pretrained LM's weights; ``sync``: the tensor-parallel strategy
+  (None: the default, inert without a tp axis)."""
   import numpy as np
   from flax import nnx
   rng = np.random.default_rng(args.seed)
   positions = np.arange(args.tokens, dtype=np.int32)
   family, _, variant = args.model.partition(":")
+  if family not in RANDOM_INIT:
+    return build_pretrained(args, exchange, sync, rng, positions)
   if family == "gpt2":
     from astra_jax.models import gpt2
     cfg = gpt2.GPT2Config(variant=variant, vocab_size=256, context=args.tokens, exchange=exchange,
@@ -92,6 +108,24 @@ def build(args, exchange, sync=None):
   model = vit.ViT(cfg, rngs=nnx.Rngs(args.seed))
   x = rng.standard_normal((args.batch, args.tokens, int(patch) ** 2 * 3)).astype(np.float32)
   return model, (x, positions), None, cfg.sizes[:2]
+
+
+def build_pretrained(args, exchange, sync, rng, positions):
+  """``build`` for a pretrained LM spec: its weights in a model with ``exchange``
+  (fresh random codebooks) over ``--tokens`` random token ids."""
+  import dataclasses
+  import numpy as np
+  from astra_jax.io import pretrained
+  from astra_jax.run.tasks import lm
+  target = pretrained.model_config(pretrained.parse(args.model), exchange)
+  if args.tokens > target.context:
+    raise ValueError(f"--tokens {args.tokens} exceeds {args.model}'s context of "
+                     f"{target.context} tokens; time a prefill of at most {target.context}")
+  if sync is not None:
+    target = dataclasses.replace(target, sync=sync)
+  model = lm.load_pretrained(args.model, target)
+  x = rng.integers(0, target.vocab_size, (args.batch, args.tokens), dtype=np.int32)
+  return model, (x, positions), 1, tuple(target.sizes[:2])
 
 
 def barrier(name: str) -> None:
@@ -147,7 +181,7 @@ def measure(args) -> dict:
       "parallelism": "tensor" if sync else "sequence", "tp": args.tp,
       "groups": getattr(exchange, "groups", None),
       "codebook_size": getattr(exchange, "codebook_size", None),
-      "width": width, "layers": layers,
+      "overlap": exchange.overlap, "width": width, "layers": layers,
       "latency_s": statistics.median(times), "latency_min_s": min(times), "latencies_s": times,
       "bytes_per_device": bytes_per_device, "compile_s": compile_s,
       "cores": len(os.sched_getaffinity(0)), "platform": jax.devices()[0].platform,
