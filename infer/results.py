@@ -34,7 +34,9 @@ k-means-only rows evaluate it zero-shot with codebooks from its own K/V
 (``infer.llama --model smollm2 --exchange vq:...``), the fine-tuned rows are
 ``train.llama --init-from smollm2``, and the link-loss rows use the fine-tuned
 G=32 run if there is one, else the zero-shot G=32 model.  Baselines and SPD
-are not run for it.
+are not run for it; instead (``--only continuations``) the greedy
+continuations of three fixed prompts, exact vs that G=32 model at the mesh,
+go into the results file and a table of their own in RESULTS.md.
 """
 
 from __future__ import annotations
@@ -128,7 +130,14 @@ LLAMA = dataclasses.replace(
 SMOLLM2 = dataclasses.replace(
     LLAMA, model="smollm2", results="results/smollm2_shakespeare.json", default_steps=100,
     finetune=lambda steps, lr: [f"--config.steps={steps}", f"--config.lr={lr}"],
-    variants=[v for v in GPT2.variants if v[0] != "exact_ft"], baselines=())
+    variants=[v for v in GPT2.variants if v[0] != "exact_ft"][:3] + [
+        ("vq_g16_kmeans", "ASTRA G=16, k-means only (no fine-tuning)",
+         ["--config.vq.groups=16"], False)] + GPT2.variants[3:6], baselines=())
+
+# greedy continuations, exact vs ASTRA G=32 at the mesh, of a pretrained model
+PROMPTS = ("The capital of France is", "To be, or not to be, that is",
+           "Water boils at a temperature of")
+CONTINUATION_TOKENS = 24
 
 TASKS = {"vit": VIT, "gpt2": GPT2, "llama": LLAMA, "smollm2": SMOLLM2}
 
@@ -164,7 +173,7 @@ def parse(argv):
   if args.only is not None:
     task = TASKS[args.task]
     names = [v[0] for v in task.variants] + [loss_name(r) for r in task.loss_rates] + \
-        [b[0] for b in task.baselines] + ([] if task.model else list(SPD_ROWS))
+        [b[0] for b in task.baselines] + (["continuations"] if task.model else list(SPD_ROWS))
     unknown = set(args.only) - set(names)
     if unknown:
       p.error(f"unknown variants {sorted(unknown)}; choose from {names}")
@@ -301,6 +310,13 @@ def main(argv=None):
       continue
     rows.append(dict(result, name=name + sfx, label=label))
     write(args, task, rows, kept)
+  if task.model and (args.only is None or "continuations" in args.only):
+    g32_start = [f"--workdir={g32}"] if os.path.isdir(g32) else \
+        [*start, f"--exchange=vq:groups=32{size_spec}"]
+    continuations(args, task, [
+        ("exact", [*task.infer[:1], *start]),
+        ("ASTRA G=32" + (" (fine-tuned)" if os.path.isdir(g32) else " (k-means only)"),
+         [*task.infer[:1], *g32_start])], mesh)
   for name, label, flags in task.baselines:
     if args.only is None or name in args.only:
       rows.append(dict(_run(*evaluate, mesh, *flags), name=name, label=label))
@@ -309,6 +325,34 @@ def main(argv=None):
     rows += spd_rows(task, _run("infer.spd", f"--workdir={exact_dir}", mesh, *data))
     write(args, task, rows, kept)
   print(table(task, order(task, rows + kept)))
+
+
+def continuations(args, task: Task, systems: list, mesh: str) -> None:
+  """Greedy continuations of ``PROMPTS`` by each (label, infer command) in ``systems``,
+  into the results file (``continuations``) and a table of RESULTS.md."""
+  rows = []
+  for prompt in PROMPTS:
+    row = {"prompt": prompt}
+    for label, command in systems:
+      result = _run(*command, mesh, f"--prompt={prompt}",
+                    f"--max-new-tokens={CONTINUATION_TOKENS}", "--temperature=0")
+      row[label] = result["completion"]
+    rows.append(row)
+  data = json.load(open(args.results)) if os.path.exists(args.results) else {"rows": []}
+  data["continuations"] = {"systems": [label for label, _ in systems], "rows": rows,
+                           "mesh": int(mesh.split("=")[1]),
+                           "new_tokens": CONTINUATION_TOKENS}
+  with open(args.results, "w") as f:
+    json.dump(data, f, indent=2)
+  if not args.markdown:
+    return
+  labels = [label for label, _ in systems]
+  lines = ["| prompt | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+  cell = lambda text: text.replace("|", "\\|").replace("\n", " ⏎ ")
+  for row in rows:
+    lines.append(f"| {cell(row['prompt'])} | " +
+                 " | ".join(cell(row[label]) for label in labels) + " |")
+  _replace_block(args.markdown, f"{args.task}-continuations", "\n".join(lines))
 
 
 SPD_ROWS = {"spd": "spd_without_distillation", "spd_distilled": "spd"}
@@ -347,20 +391,26 @@ def order(task: Task, rows: list[dict]) -> list[dict]:
 def write(args, task: Task, rows: list[dict], kept: list[dict] = ()) -> None:
   rows = order(task, [*rows, *kept])
   os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-  with open(args.results, "w") as f:
-    json.dump({"command": "python -m infer.results " + " ".join(sys.argv[1:]),
-               "rows": rows}, f, indent=2)
-  if not args.markdown:
-    return
-  begin, end = f"<!-- {args.task}-results:begin -->", f"<!-- {args.task}-results:end -->"
-  body = open(args.markdown).read() if os.path.exists(args.markdown) else ""
-  block = f"{begin}\n{table(task, rows)}\n{end}"
+  data = json.load(open(args.results)) if os.path.exists(args.results) else {}
+  data.update(command="python -m infer.results " + " ".join(sys.argv[1:]), rows=rows)
+  with open(args.results, "w") as f:  # other keys (continuations) are kept
+    json.dump(data, f, indent=2)
+  if args.markdown:
+    _replace_block(args.markdown, f"{args.task}-results", table(task, rows))
+
+
+def _replace_block(markdown: str, name: str, text: str) -> None:
+  """``text`` between the ``<!-- NAME:begin -->`` / ``end`` markers of ``markdown``
+  (appended with its markers when they are missing)."""
+  begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+  body = open(markdown).read() if os.path.exists(markdown) else ""
+  block = f"{begin}\n{text}\n{end}"
   if begin in body:
     head, rest = body.split(begin, 1)
     body = head + block + rest.split(end, 1)[1]
   else:
     body += ("\n" if body else "") + block + "\n"
-  with open(args.markdown, "w") as f:
+  with open(markdown, "w") as f:
     f.write(body)
 
 
