@@ -25,7 +25,10 @@ row runs and the other rows are kept).  Writes
 ``results/<task>_<data>.json`` and the table between the task's markers in
 RESULTS.md after every row.  Finished runs in ``--root`` are only re-evaluated
 (the train CLI resumes at their last step); ``--only NAME ...`` runs those rows
-and keeps the others from the previous results file.
+and keeps the others from the previous results file; with ``--keep-baselines``
+it also keeps that file's single-device and exact rows instead of evaluating
+them again (checked: same mesh, same tokens scored), which on SmolLM2 saves
+two 100-window evaluations (about 20 min each on a 2-core machine).
 
 ``smollm2`` starts from the bundled pretrained SmolLM2-135M-Instruct instead of
 an exact run (``--model smollm2``; held-out Shakespeare, 1024-token windows,
@@ -158,6 +161,9 @@ def parse(argv):
                  help="LM: validation windows scored per row (default: the config's)")
   p.add_argument("--data-dir", default=None, help="vit: folder with the dataset files")
   p.add_argument("--only", nargs="*", default=None, help="variant names to run (default all)")
+  p.add_argument("--keep-baselines", action="store_true",
+                 help="with --only: keep the results file's single-device and exact rows "
+                      "(same mesh and tokens scored) instead of evaluating them again")
   p.add_argument("--codebook-size", type=cli.at_least(2), default=None, metavar="K",
                  help="entries per codebook of every ASTRA row (a power of two; default the "
                       "config's, 1024); rows are then named NAME_kK")
@@ -177,6 +183,8 @@ def parse(argv):
     unknown = set(args.only) - set(names)
     if unknown:
       p.error(f"unknown variants {sorted(unknown)}; choose from {names}")
+  if args.keep_baselines and args.only is None:
+    p.error("--keep-baselines keeps rows of a previous run: name the rows to run with --only")
   size = args.codebook_size
   if size is not None and size & (size - 1):
     p.error(f"argument --codebook-size: must be a power of two, got {size}")
@@ -194,6 +202,27 @@ def suffix(args) -> str:
   """Row and run-folder suffix of the ASTRA rows: '' at the configs' K, else '_kK'."""
   size = args.codebook_size
   return "" if size in (None, DEFAULT_CODEBOOK_SIZE) else f"_k{size}"
+
+
+BASELINE_ROWS = ("single_device", "exact")
+
+
+def check_kept_baselines(args, kept: list[dict]) -> None:
+  """--keep-baselines: the results file must hold both baseline rows, at this mesh and,
+  when --eval-windows is given, scored on as many windows as the new rows will be."""
+  have = {r["name"]: r for r in kept if r["name"] in BASELINE_ROWS}
+  missing = [n for n in BASELINE_ROWS if n not in have]
+  if missing:
+    cli.fail(f"--keep-baselines: {args.results} has no {' or '.join(missing)} row; "
+             "run once without --keep-baselines")
+  if have["exact"].get("mesh") != args.mesh:
+    cli.fail(f"--keep-baselines: the kept exact row ran at mesh {have['exact'].get('mesh')}, "
+             f"not --mesh={args.mesh}; run without --keep-baselines")
+  context = have["exact"].get("context")
+  if args.eval_windows and context and any(
+      r.get("tokens") != args.eval_windows * context for r in have.values()):
+    cli.fail(f"--keep-baselines: the kept rows scored {have['exact'].get('tokens')} tokens, "
+             f"not --eval-windows={args.eval_windows} x {context}; run without it")
 
 
 def _run(module, *args):
@@ -262,18 +291,21 @@ def main(argv=None):
     start, source, windows_cfg = [f"--workdir={exact_dir}"], [f"--init-from={exact_dir}"], []
   # with --only, rows of the other variants are kept from the previous results file
   vq_names = {v[0] for v in task.variants} | {loss_name(r) for r in task.loss_rates}
-  fresh = {"single_device", "exact",  # evaluated again below
-           *(n + sfx if n in vq_names else n for n in (args.only or ()))}
+  baselines = () if args.keep_baselines else BASELINE_ROWS  # evaluated again below
+  fresh = {*baselines, *(n + sfx if n in vq_names else n for n in (args.only or ()))}
   if fresh & set(SPD_ROWS):  # one infer.spd run makes both SPD rows
     fresh |= set(SPD_ROWS)
   kept = [] if args.only is None or not os.path.exists(args.results) else [
       r for r in json.load(open(args.results))["rows"] if r["name"] not in fresh]
   rows = []
   evaluate = [*task.infer, *start, *data, *windows]
-  rows.append(dict(_run(*evaluate, "--mesh=1"), name="single_device", label="single device"))
-  rows.append(dict(_run(*evaluate, mesh), name="exact",
-                   label=f"exact sequence parallel (P={args.mesh})"))
-  write(args, task, rows, kept)
+  if args.keep_baselines:
+    check_kept_baselines(args, kept)
+  else:
+    rows.append(dict(_run(*evaluate, "--mesh=1"), name="single_device", label="single device"))
+    rows.append(dict(_run(*evaluate, mesh), name="exact",
+                     label=f"exact sequence parallel (P={args.mesh})"))
+    write(args, task, rows, kept)
   for name, label, overrides, finetune in task.variants:
     if args.only is not None and name not in args.only:
       continue

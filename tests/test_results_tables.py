@@ -55,3 +55,39 @@ def test_continuations_table_and_results_file(tmp_path, monkeypatch):
   results.write(args, results.SMOLLM2, [{"name": "exact", "label": "e", "perplexity": 2.0,
                                          "bytes_per_device": 1}])
   assert json.loads(out.read_text())["continuations"] == got
+
+
+def _baseline(name, mesh, tokens=2048):
+  return {"name": name, "label": name, "mesh": mesh, "context": 1024, "tokens": tokens,
+          "perplexity": 26.0, "bytes_per_device": 0}
+
+
+def test_keep_baselines_reuses_the_files_rows_and_checks_them(tmp_path, monkeypatch):
+  calls = []
+
+  def fake_run(*command):
+    calls.append(command)
+    return {"perplexity": 27.0, "bytes_per_device": 5, "mesh": 4, "tokens": 2048}
+
+  monkeypatch.setattr(results, "_run", fake_run)
+  out, md = tmp_path / "r.json", tmp_path / "R.md"
+  base = ["smollm2", f"--results={out}", f"--markdown={md}", "--eval-windows=2",
+          "--only", "vq_g16_kmeans"]
+  with pytest.raises(SystemExit):  # nothing to keep yet
+    results.main([*base, "--keep-baselines"])
+  out.write_text(json.dumps({"rows": [_baseline("single_device", 1),
+                                      _baseline("exact", 4)]}))
+  results.main([*base, "--keep-baselines"])
+  assert len(calls) == 1 and "--exchange=vq:groups=16" in calls[0]  # only the new row ran
+  rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+  assert set(rows) == {"single_device", "exact", "vq_g16_kmeans"}
+  assert rows["exact"]["perplexity"] == 26.0  # kept, not re-evaluated
+  with pytest.raises(SystemExit):  # the kept rows scored 2 windows, not 3
+    results.main([*base[:3], "--eval-windows=3", *base[4:], "--keep-baselines"])
+  with pytest.raises(SystemExit):  # the kept exact row ran at mesh 4
+    results.main([*base, "--keep-baselines", "--mesh=2"])
+  with pytest.raises(SystemExit):  # nothing named to run
+    results.parse(["smollm2", "--keep-baselines"])
+  calls.clear()
+  results.main(base)  # without the flag the baselines are evaluated again
+  assert [c for c in calls if "--mesh=1" in c]
