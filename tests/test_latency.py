@@ -187,3 +187,37 @@ def test_device_profiles(tmp_path):
   assert devices.get("host", str(path)).peak_flops == 1e11
   with pytest.raises(ValueError, match="unknown device profile"):
     devices.get("tpu")
+
+
+def test_token_bucket_refills_while_the_link_idles():
+  # 1 MB/s, a 5000-byte bucket, 8000 bytes per layer to receive (all-gather, P=2)
+  net = latency.Network(latency.Trace.constant(8), "switched", 0.0, burst_bytes=5000)
+  layer = [latency.Transfer("all-gather", 1, 8000)]
+
+  def total(compute_s):
+    return latency.prefill_latency(layers=3, layer_compute_s=compute_s, layer_transfers=layer,
+                                   mesh_size=2, network=net).total_s
+
+  # 10 ms of compute refills the bucket (10 kB > 5000): every layer sends 3000 bytes
+  assert total(0.01) == pytest.approx(3 * (0.01 + 0.003))
+  # 2 ms refills 2000 bytes: the first layer sends 3000, the next two 6000 each
+  assert total(0.002) == pytest.approx(3 * 0.002 + 0.003 + 2 * 0.006)
+  # no bucket: bytes / bandwidth
+  plain = latency.Network(latency.Trace.constant(8), "switched", 0.0)
+  assert latency.prefill_latency(layers=3, layer_compute_s=0.002, layer_transfers=layer,
+                                 mesh_size=2, network=plain).total_s == \
+      pytest.approx(3 * (0.002 + 0.008))
+  # tokens never make a transfer negative; efficiency slows only what the bucket did not cover
+  slow = latency.Network(latency.Trace.constant(8), "switched", 1e-3, (("all-gather", 0.5),),
+                         burst_bytes=5000)
+  assert slow.seconds(layer[0], 2, tokens=5000) == pytest.approx(2 * 3000 / 1e6 + 1e-3)
+  assert slow.seconds(layer[0], 2, tokens=9000) == pytest.approx(1e-3)
+  with pytest.raises(ValueError, match="burst"):
+    latency.Network(latency.Trace.constant(8), burst_bytes=-1)
+
+
+def test_trace_bytes_between():
+  trace = latency.Trace(((0, 8), (1, 16)))  # 1 MB/s for a second, then 2 MB/s
+  assert trace.bytes_between(0.5, 0.75) == pytest.approx(0.25e6)
+  assert trace.bytes_between(0.5, 2.0) == pytest.approx(0.5e6 + 2e6)
+  assert trace.bytes_between(3.0, 3.0) == 0.0

@@ -31,6 +31,19 @@ where e(c), the link efficiency of the collective's kind, is 1 unless given
 of its rate, and ``infer.model_check`` measures that part per kind with
 ``infer.collective_time`` on the shaped testbed.
 
+A link may also have a token bucket in front of it (Linux ``tbf``, the
+testbed's shaper; ``Network.burst_bytes`` = its depth b): while the link is
+idle the bucket refills at the bandwidth, up to b, and the first bytes of the
+next transfer leave at once against it, so a collective that starts with a
+level of l tokens takes
+
+  comm(c) = max(0, wire_bytes(c) - l) * 8 / (B * e(c)) + alpha * count(c)
+
+(l = b after a long enough pause; b = 0, the default, is the formula above).
+Between layers the bucket refills during compute, which is what lets a
+message of a few tens of KB cross a 10 Mbit/s tbf link faster than its bits
+divided by the rate.
+
 ``wire_bytes`` depends on the topology (s = operand bytes per device, P devices):
 
   switched  full-duplex point-to-point links through a switch, B per direction
@@ -170,6 +183,16 @@ class Trace:
       bits -= rate * (end - t)
       t, i = end, i + 1
 
+  def bytes_between(self, start: float, end: float) -> float:
+    """Bytes the trace carries from ``start`` to ``end`` seconds (its integral / 8)."""
+    total = 0.0
+    for i, (t, rate) in enumerate(self.segments):
+      until = self.segments[i + 1][0] if i + 1 < len(self.segments) else float("inf")
+      lo, hi = max(t, start), min(until, end)
+      if hi > lo:
+        total += rate * 1e6 / 8 * (hi - lo)
+    return total
+
   def label(self) -> str:
     if len(self.segments) == 1:
       return f"{self.segments[0][1]:g}"
@@ -186,11 +209,15 @@ class Network:
   # (collective kind, fraction of the bandwidth it reaches), e.g. measured on a
   # real link by ``infer.collective_time``; kinds not listed reach all of it
   link_efficiency: tuple[tuple[str, float], ...] = ()
+  # depth in bytes of a token bucket in front of each link (tbf); 0: none
+  burst_bytes: float = 0.0
 
   def __post_init__(self):
     check_topology(self.topology)
     if self.message_latency_s < 0:
       raise ValueError(f"message latency must be >= 0 s, got {self.message_latency_s}")
+    if self.burst_bytes < 0:
+      raise ValueError(f"burst must be >= 0 bytes, got {self.burst_bytes}")
     object.__setattr__(self, "link_efficiency", tuple(sorted(dict(self.link_efficiency).items())))
     for kind, eff in self.link_efficiency:
       if kind not in _WIRE[self.topology]:
@@ -199,12 +226,17 @@ class Network:
       if not 0 < eff <= 1:
         raise ValueError(f"link efficiency of {kind} must be in (0, 1], got {eff}")
 
-  def seconds(self, transfer: Transfer, mesh_size: int, start: float = 0.0) -> float:
-    """comm(c) of the module docstring, for a transfer starting at ``start``; a
-    collective kind with link efficiency e moves its bytes at e x the bandwidth."""
+  def wire_bytes(self, transfer: Transfer, mesh_size: int) -> float:
+    return wire_bytes(transfer.kind, transfer.operand_bytes, mesh_size, self.topology)
+
+  def seconds(self, transfer: Transfer, mesh_size: int, start: float = 0.0,
+              tokens: float = 0.0) -> float:
+    """comm(c) of the module docstring, for a transfer starting at ``start`` with
+    ``tokens`` bytes in the bucket; a collective kind with link efficiency e
+    moves its bytes at e x the bandwidth."""
     if mesh_size <= 1 or transfer.count == 0:
       return 0.0
-    nbytes = wire_bytes(transfer.kind, transfer.operand_bytes, mesh_size, self.topology)
+    nbytes = max(0.0, self.wire_bytes(transfer, mesh_size) - tokens)
     nbytes /= dict(self.link_efficiency).get(transfer.kind.removesuffix("-start"), 1.0)
     return self.trace.transfer_seconds(start, nbytes) + self.message_latency_s * transfer.count
 
@@ -249,12 +281,17 @@ def prefill_latency(*, layers: int, layer_compute_s: float,
                      f"got {layer_overlap_s}")
   t = compute = embed_s
   comm = hidden = 0.0
+  bucket, idle_since = network.burst_bytes, 0.0  # full: the link idled before the prefill
 
   def send(transfers) -> float:
-    nonlocal t
+    nonlocal t, bucket, idle_since
     start = t
+    bucket = min(network.burst_bytes, bucket + network.trace.bytes_between(idle_since, t))
     for tr in transfers:
-      t += network.seconds(tr, mesh_size, start=t)
+      used = min(bucket, network.wire_bytes(tr, mesh_size)) if mesh_size > 1 else 0.0
+      t += network.seconds(tr, mesh_size, start=t, tokens=used)
+      bucket -= used
+    idle_since = t
     return t - start
 
   for _ in range(layers):
