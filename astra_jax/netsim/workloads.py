@@ -15,7 +15,7 @@ tiny CPU models this project trains).  For the latency model it supplies:
   Every function takes a strategy: a K/V exchange (sequence parallel) or a
   tensor-parallel sync (``astra_jax.core.sync``; ``is_tensor``).
   ``measure``  seconds on this host for one device's share: the per-device
-               program of a 1- and 2-layer slice is ``vmap``-ed over P (the
+               program of a 1- and a 4-layer slice is ``vmap``-ed over P (the
                collectives become in-memory gathers), timed, and divided by P.
 
 The JAX imports sit inside the functions, so the CLI can set the number of
@@ -300,6 +300,9 @@ def _time(fn, args, repeats: int) -> float:
   return statistics.median(times)
 
 
+SLICE_LAYERS = 4
+
+
 def measure(workload: Workload, exchange, mesh_size: int, repeats: int = 5):
   """(layer seconds, embed + head seconds) of one device's share, timed on this host.
 
@@ -307,8 +310,11 @@ def measure(workload: Workload, exchange, mesh_size: int, repeats: int = 5):
   host's cores (collectives are memory copies), so the time divided by
   ``mesh_size`` is one device's compute when the devices' work serialises on
   the cores (run under ``taskset -c 0`` to model one core per device).  Timed
-  for 1- and 2-layer slices (median of ``repeats`` after a warm-up): per layer
-  = t2 - t1, the rest = t1 - per layer.  Without enough devices the
+  for 1- and n-layer slices, n = min(SLICE_LAYERS, layers), at least 2 (median of
+  ``repeats`` after a warm-up): per layer = (tn - t1) / (n - 1), the rest =
+  t1 - per layer (a 1- and 2-layer difference put SmolLM2's one-device prefill
+  27% above the testbed's; more layers average the per-program noise down).
+  Without enough devices the
   per-device program is vmapped over the shares on one device instead.
   """
   import jax
@@ -328,7 +334,8 @@ def measure(workload: Workload, exchange, mesh_size: int, repeats: int = 5):
     raise ValueError(f"timing tensor parallelism needs {mesh_size} devices; set "
                      f"JAX_NUM_CPU_DEVICES={mesh_size} (the bench does) ")
   seconds = []
-  for layers in (1, 2):
+  top = max(2, min(SLICE_LAYERS, workload.layers))  # slices are built, not cut
+  for layers in (1, top):
     model = _model(workload, exchange, layers, False)
     if on_mesh:
       fwd = forward.inference_forward(
@@ -347,10 +354,10 @@ def measure(workload: Workload, exchange, mesh_size: int, repeats: int = 5):
                         axis_name=mesh_lib.SEQ_AXIS)(params, rest, shares, pos)
 
     seconds.append(_time(jax.jit(vmapped), (params, rest, shares, pos), repeats) / mesh_size)
-  t1, t2 = seconds
-  layer = t2 - t1
-  if layer <= 0:  # timing noise on a loaded machine: split the 2-layer time evenly
-    return t2 / 2, 0.0
+  t1, t_top = seconds
+  layer = (t_top - t1) / (top - 1)
+  if layer <= 0:  # timing noise on a loaded machine: split the longer slice's time evenly
+    return t_top / top, 0.0
   return layer, max(t1 - layer, 0.0)
 
 
