@@ -6,8 +6,9 @@
   python -m infer.prefill_time --model smollm2 --tokens 1024 --exchange vq --groups 32 --mesh 2
   python -m infer.testbed --procs 2 --rate 10 -- infer.prefill_time --model gpt2:mini --mesh 2
 
-Builds the model at random initialisation (``gpt2:<variant>`` with a 256-token
-vocabulary and ``--tokens`` positions, or ``vit:<variant>/<patch>`` over
+Builds the model at random initialisation (``gpt2:<variant>`` with a
+``--vocab-size`` vocabulary, 256 unless given (50257 is GPT-2's: its head is
+then as big as the real model's), and ``--tokens`` positions, or ``vit:<variant>/<patch>`` over
 ``--tokens`` patches, a square number), or loads a pretrained LM as the LM
 CLIs do (``smollm2``, ``gguf:PATH``, ``hf:DIR``: the real weights, built with
 the requested exchange, fed ``--tokens`` random token ids; at most the model's
@@ -22,7 +23,7 @@ so the timing does not depend on the codebook values, while the outputs are
 meaningless.  ``--mesh 1`` is the single-device baseline (no collectives).
 
 The last line is one JSON object: model (as given), tokens, mesh, processes, exchange,
-groups, codebook_size, latency_s (median), latency_min_s, latencies_s (every repeat),
+groups, codebook_size, vocab_size, latency_s (median), latency_min_s, latencies_s (every repeat),
 bytes_per_device (collective bytes of the compiled forward, from its HLO),
 compile_s, cores (CPUs this process may run on).
 """
@@ -52,6 +53,8 @@ def parse(argv):
   p.add_argument("--mesh", type=cli.at_least(1), default=2,
                  help="devices on the seq axis (1: one device)")
   p.add_argument("--batch", type=cli.at_least(1), default=1)
+  p.add_argument("--vocab-size", type=cli.at_least(2), default=None,
+                 help="gpt2:<variant> only: its vocabulary (default 256; GPT-2's is 50257)")
   p.add_argument("--repeats", type=cli.at_least(1), default=5, help="timed forwards")
   p.add_argument("--warmup", type=cli.at_least(0), default=1,
                  help="untimed forwards after compiling")
@@ -68,6 +71,8 @@ def parse(argv):
       sep and family not in RANDOM_INIT + PRETRAINED_SCHEMES) or not args.model:
     p.error(f"--model must be gpt2:<variant> or vit:<variant>/<patch> (random init), or a "
             f"pretrained LM: smollm2 (bundled), gguf:PATH or hf:DIR; got {args.model!r}")
+  if args.vocab_size is not None and family != "gpt2":
+    p.error("--vocab-size is for gpt2:<variant> models (a pretrained LM has its own, a ViT none)")
   for flag in ("tokens", "mesh", "batch", "repeats"):
     if getattr(args, flag) < 1:
       p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
@@ -89,10 +94,11 @@ def build(args, exchange, sync=None):
     return build_pretrained(args, exchange, sync, rng, positions)
   if family == "gpt2":
     from astra_jax.models import gpt2
-    cfg = gpt2.GPT2Config(variant=variant, vocab_size=256, context=args.tokens, exchange=exchange,
-                          **({"sync": sync} if sync else {}))
+    vocab = args.vocab_size or 256
+    cfg = gpt2.GPT2Config(variant=variant, vocab_size=vocab, context=args.tokens,
+                          exchange=exchange, **({"sync": sync} if sync else {}))
     model = gpt2.GPT2(cfg, rngs=nnx.Rngs(args.seed))
-    x = rng.integers(0, 256, (args.batch, args.tokens), dtype=np.int32)
+    x = rng.integers(0, vocab, (args.batch, args.tokens), dtype=np.int32)
     return model, (x, positions), 1, cfg.sizes[:2]
   from astra_jax.models import vit
   side = math.isqrt(args.tokens)
@@ -182,6 +188,7 @@ def measure(args) -> dict:
       "groups": getattr(exchange, "groups", None),
       "codebook_size": getattr(exchange, "codebook_size", None),
       "overlap": exchange.overlap, "width": width, "layers": layers,
+      "vocab_size": getattr(model.cfg, "vocab_size", None),
       "latency_s": statistics.median(times), "latency_min_s": min(times), "latencies_s": times,
       "bytes_per_device": bytes_per_device, "compile_s": compile_s,
       "cores": len(os.sched_getaffinity(0)), "platform": jax.devices()[0].platform,

@@ -67,3 +67,14 @@ def test_more_tokens_than_the_models_context(hf_folder):
 def test_unknown_model_forms(model, message):
   assert_one_line_error(run("infer.prefill_time", f"--model={model}", "--mesh=1", *FAST), 2,
                         message)
+
+
+def test_vocab_size_sets_a_random_gpt2_head_and_is_refused_elsewhere():
+  got = last_json(run("infer.prefill_time", "--model=gpt2:nano", "--tokens=16", "--mesh=1",
+                      "--vocab-size=1000", *FAST))
+  assert got["vocab_size"] == 1000
+  assert last_json(run("infer.prefill_time", "--model=gpt2:nano", "--tokens=16", "--mesh=1",
+                       *FAST))["vocab_size"] == 256
+  assert_one_line_error(run("infer.prefill_time", "--model=vit:mu/7", "--tokens=16",
+                            "--mesh=1", "--vocab-size=1000", *FAST), 2,
+                        "--vocab-size is for gpt2:<variant> models")
