@@ -19,16 +19,22 @@ testbed's measurements (``results/testbed/*.json``) on model, tokens, devices,
 link rate and exchange and reports the model's error
 (-> results/testbed/model_check.{json,md}).
 
-Calibration.  TCP collectives do not reach the link's rate, and not all kinds
-reach the same part of it (on this testbed gloo's all-reduce gets about 80%,
-its all-gather under 60%, a ring's collective-permute about 50%: see
-``collective_*.json``; Flash Communication also uses all-to-all).  So ``--measure`` also times each kind of collective
-alone on the same shaped links (``infer.collective_time``: ``--count`` x 1 MiB
-per device, no model around it) and the join recomputes every bench row with
-each kind's measured fraction of the rate as its link efficiency
-(``astra_jax.netsim.latency.Network.link_efficiency``): the ``calibrated``
-columns.  The probes measure the collectives, not the forwards they are
-compared with, so nothing is fitted to the answer.
+Calibration.  A TCP collective on a tbf-shaped link does not reach the link's
+rate, and how much of it it reaches depends on its kind and on its message
+size: on this testbed at 10 Mbit/s a 1 MiB all-gather gets about 60% (a burst
+that overflows tbf's queue loses packets and TCP backs off), a 40 KB one about
+90%.  So the calibration times every (kind, message size) that a measured
+row's program uses, alone on the same shaped links (``infer.collective_time``,
+no model around it; the per-message latency alpha the model adds is taken
+out of the probe's time), and recomputes each row with its own kinds'
+measured fractions of the rate (``Network.link_efficiency``) and with the
+testbed's tbf bucket (``Network.burst_bytes`` = ``netns.burst_bytes(rate)``,
+the depth the testbed configures: it refills while a rank computes): the
+``calibrated`` columns.  The probes measure the collectives, not the forwards
+they are compared with, so nothing is fitted to the answer.
+
+Parts of ``--measure`` can be run alone (``--measure bench probes``): the
+probes need the bench rows (their message sizes) and the testbed runs.
 """
 
 from __future__ import annotations
@@ -46,13 +52,19 @@ def parse(argv):
   p.add_argument("--bench", default="results/bench_testbed/bench.json")
   p.add_argument("--testbed", default="results/testbed")
   p.add_argument("--out", default="results/testbed/model_check")
-  p.add_argument("--measure", action="store_true", help="run the testbed and the bench first")
+  p.add_argument("--measure", nargs="*", choices=PARTS, default=None,
+                 help="run these measurements first (no value: all of them, in this order)")
   p.add_argument("--rates", nargs="+", type=cli.positive, default=[10, 100])
   p.add_argument("--repeats", type=cli.at_least(1), default=5)
   p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
                  help="testbed models to measure (default all)")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if args.measure == []:
+    args.measure = list(PARTS)
+  return args
 
+
+PARTS = ("testbed", "bench", "probes")
 
 # file suffix -> (bench strategy spec, prefill_time flags)
 STRATEGIES = {
@@ -81,11 +93,14 @@ MODELS = {
                    "vq-g32-overlap"),
     "smollm2": ("exact", "vq-g32", "vq-g1"),
 }
+# prefill_time flags that make a testbed model the bench workload of its name:
+# GPT-2 small with GPT-2's vocabulary (its head is a quarter of the one-device prefill)
+MODEL_FLAGS = {"gpt2:small": ["--vocab-size", "50257"]}
 
 
 def measure(args) -> None:
-  """The testbed runs, the one-core baselines, the collective probes and the
-  modelled rows, back to back."""
+  """The testbed runs and the one-core baselines, the bench that models them,
+  then the collective probes at the message sizes the bench rows use."""
   import subprocess
 
   def run(cmd):
@@ -94,57 +109,120 @@ def measure(args) -> None:
       cli.fail(f"{' '.join(cmd)} failed; see its output above")
 
   py = [sys.executable, "-m"]
-  for model in args.models:
-    probe = ["infer.prefill_time", "--model", model, "--tokens", "1024",
-             f"--repeats={args.repeats}"]
-    base = os.path.join(args.testbed, f"{model.replace(':', '-')}_1024")
-    run(["taskset", "-c", "0", *py, *probe, "--mesh", "1", "--out", f"{base}_single.json"])
-    for rate in args.rates:
-      for name in MODELS[model]:
-        run([*py, "infer.testbed", "--procs", "2", f"--rate={rate:g}", "--cores-per-proc",
-             "1", "--out", f"{base}_rate{rate:g}_{name}.json", "--", *probe, "--mesh", "2",
-             *STRATEGIES[name][1]])
-  for rate in args.rates:
-    for kind in COLLECTIVES:
+  if "testbed" in args.measure:
+    for model in args.models:
+      probe = ["infer.prefill_time", "--model", model, "--tokens", "1024",
+               f"--repeats={args.repeats}", *MODEL_FLAGS.get(model, [])]
+      base = os.path.join(args.testbed, f"{model.replace(':', '-')}_1024")
+      run(["taskset", "-c", "0", *py, *probe, "--mesh", "1", "--out", f"{base}_single.json"])
+      for rate in args.rates:
+        for name in MODELS[model]:
+          run([*py, "infer.testbed", "--procs", "2", f"--rate={rate:g}", "--cores-per-proc",
+               "1", "--out", f"{base}_rate{rate:g}_{name}.json", "--", *probe, "--mesh", "2",
+               *STRATEGIES[name][1]])
+  if "bench" in args.measure:
+    run(["taskset", "-c", "0", *py, "infer.bench", "--models",
+         *(m.replace(":", "-") for m in args.models), "--mesh", "2",
+         "--bandwidths", *[f"{r:g}" for r in args.rates], "--strategies",
+         *dict.fromkeys(STRATEGIES[n][0] for m in args.models for n in MODELS[m]),
+         "--profiles", "measured", "--repeats", str(args.repeats),
+         "--out", os.path.dirname(args.bench)])
+  if "probes" in args.measure:
+    if not os.path.exists(args.bench):
+      cli.fail(f"{args.bench} is missing: run --measure bench first")
+    for rate, kind, nbytes in sorted(needed_probes(json.load(open(args.bench))["rows"],
+                                                   testbed_runs(args.testbed))):
+      if rate not in args.rates:
+        continue
+      count = max(4, min(16, (4 << 20) // nbytes))  # about 4 MiB, 4 to 16 messages
       run([*py, "infer.testbed", "--procs", "2", f"--rate={rate:g}", "--cores-per-proc", "1",
-           "--out", collective_file(args.testbed, kind, rate), "--", "infer.collective_time",
-           "--kind", kind, "--bytes", str(PROBE_BYTES), "--count", "4", "--mesh", "2",
-           f"--repeats={args.repeats}"])
-  run(["taskset", "-c", "0", *py, "infer.bench", "--models",
-       *(m.replace(":", "-") for m in args.models), "--mesh", "2",
-       "--bandwidths", *[f"{r:g}" for r in args.rates], "--strategies",
-       *dict.fromkeys(STRATEGIES[n][0] for m in args.models for n in MODELS[m]),
-       "--profiles", "measured", "--repeats", str(args.repeats),
-       "--out", os.path.dirname(args.bench)])
+           "--out", probe_file(args.testbed, kind, nbytes, rate), "--",
+           "infer.collective_time", "--kind", kind, "--bytes", str(nbytes), "--count",
+           str(count), "--mesh", "2", f"--repeats={args.repeats}"])
 
 
-COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute")
-PROBE_BYTES = 1 << 20
+def probe_file(folder: str, kind: str, nbytes: int, rate: float) -> str:
+  return os.path.join(folder, f"collective_{kind}_{nbytes}B_rate{rate:g}.json")
 
 
-def collective_file(folder: str, kind: str, rate: float) -> str:
-  return os.path.join(folder, f"collective_{kind}_rate{rate:g}.json")
+def message_bytes(transfer) -> tuple[str, int]:
+  """(kind, operand bytes of one message) of a bench row's (kind, count, bytes)
+  transfer: the mean message, rounded down to float32 as collective_time does."""
+  kind, count, nbytes = transfer
+  return kind.removesuffix("-start"), max(4, nbytes // count // 4 * 4)
 
 
-def efficiencies(folder: str) -> dict[float, dict[str, float]]:
-  """Per link rate, each probed collective kind's measured fraction of the rate."""
-  found: dict[float, dict[str, float]] = {}
-  for path in glob.glob(os.path.join(folder, "collective_*_rate*.json")):
+def testbed_runs(folder: str) -> list[dict]:
+  runs = []
+  for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+    run = json.load(open(path))
+    if "latency_s" in run and "model" in run and "kind" not in run:
+      runs.append(run)
+  return runs
+
+
+def matches(bench_rows: list[dict], runs: list[dict]):
+  """(testbed run, its bench row or None) for every run."""
+  model = {(r["model"], r["tokens"], r["mesh"], r["bandwidth_mbps"], r["exchange"]): r
+           for r in bench_rows if r["profile"] == "measured" and r["topology"] == "switched"}
+  for run in runs:
+    name = run["model"].replace(":", "-")
+    if run.get("mesh", 1) == 1:
+      key = next((k for k in model if k[:2] == (name, run["tokens"])), None)
+      yield run, model[key] if key else None
+    else:
+      yield run, model.get((name, run["tokens"], run["mesh"], run["rate_mbit"], spec(run)))
+
+
+def needed_probes(bench_rows: list[dict], runs: list[dict]) -> set[tuple[float, str, int]]:
+  """(rate, kind, message bytes) of every collective in a measured multi-device row."""
+  need = set()
+  for run, row in matches(bench_rows, runs):
+    if row is None or run.get("mesh", 1) == 1 or "model_inputs" not in row:
+      continue
+    for part in ("per_layer", "final"):
+      for transfer in row["model_inputs"]["transfers"][part]:
+        need.add((row["bandwidth_mbps"], *message_bytes(transfer)))
+  return need
+
+
+
+def efficiencies(folder: str) -> dict[float, dict[tuple[str, int], float]]:
+  """Per link rate, each probed (kind, message bytes)'s measured fraction of the
+  rate, after taking out the model's per-message latency alpha (capped at 1)."""
+  from astra_jax.netsim import latency
+  found: dict[float, dict[tuple[str, int], float]] = {}
+  for path in glob.glob(os.path.join(folder, "collective_*B_rate*.json")):
     probe = json.load(open(path))
-    rate = probe["rate_mbit"]
-    found.setdefault(rate, {})[probe["kind"]] = min(1.0, probe["achieved_mbit"] / rate)
+    seconds = probe["latency_s"] - probe["count"] * latency.DEFAULT_MESSAGE_LATENCY_S
+    bits = 8 * probe["count"] * probe["wire_bytes"]
+    eff = 1.0 if seconds <= 0 else min(1.0, bits / seconds / 1e6 / probe["rate_mbit"])
+    found.setdefault(probe["rate_mbit"], {})[(probe["kind"], probe["bytes"])] = eff
   return found
 
 
-def recompute(row: dict, efficiency: dict[str, float]) -> float:
-  """A bench row's modelled latency with per-kind link efficiencies."""
+def row_efficiency(row: dict, probed: dict[tuple[str, int], float]) -> dict[str, float] | None:
+  """A bench row's link efficiency per kind from the probes of its message
+  sizes; None when one of them was not probed."""
+  eff = {}
+  for part in ("per_layer", "final"):
+    for transfer in row["model_inputs"]["transfers"][part]:
+      key = message_bytes(transfer)
+      if key not in probed:
+        return None
+      eff[key[0]] = probed[key]
+  return eff
+
+
+def recompute(row: dict, efficiency: dict[str, float], burst_bytes: float = 0.0) -> float:
+  """A bench row's modelled latency with per-kind link efficiencies and a token bucket."""
   from astra_jax.netsim import latency
   inputs = row["model_inputs"]
   transfers = {part: [latency.Transfer(*t) for t in inputs["transfers"][part]]
                for part in ("per_layer", "final")}
   net = latency.Network(latency.Trace.constant(row["bandwidth_mbps"]), row["topology"],
                         inputs["message_latency_s"],
-                        tuple(sorted(efficiency.items())))
+                        tuple(sorted(efficiency.items())), burst_bytes)
   return latency.prefill_latency(
       layers=row["layers"], layer_compute_s=inputs["layer_compute_s"],
       layer_transfers=transfers["per_layer"], mesh_size=row["mesh"], network=net,
@@ -167,42 +245,43 @@ def spec(run: dict) -> str:
 
 
 def join(bench_rows: list[dict], runs: list[dict],
-         efficiency: dict[float, dict[str, float]] | None = None) -> list[dict]:
+         probes: dict[float, dict[tuple[str, int], float]] | None = None) -> list[dict]:
   """One row per testbed run that the bench modelled (same model/tokens/P/rate/exchange);
-  with ``efficiency`` (per rate, per collective kind), also the calibrated model."""
-  model = {(r["model"], r["tokens"], r["mesh"], r["bandwidth_mbps"], r["exchange"]): r
-           for r in bench_rows if r["profile"] == "measured" and r["topology"] == "switched"}
+  with ``probes`` (per rate, per (kind, message bytes) efficiency), also the
+  calibrated model for every row whose message sizes were probed."""
+  from astra_jax.netsim import netns
   rows = []
-  for run in runs:
-    name = run["model"].replace(":", "-")
-    if run.get("mesh", 1) == 1:
-      key = next((k for k in model if k[:2] == (name, run["tokens"])), None)
-      predicted = model[key]["single_device_s"] if key else None
-      rate = None
-    else:
-      rate = run["rate_mbit"]
-      hit = model.get((name, run["tokens"], run["mesh"], rate, spec(run)))
-      predicted = hit["latency_s"] if hit else None
-    if predicted is None:
+  for run, hit in matches(bench_rows, runs):
+    if hit is None:
       continue
+    single = run.get("mesh", 1) == 1
+    rate = None if single else run["rate_mbit"]
+    predicted = hit["single_device_s"] if single else hit["latency_s"]
     measured = run["latency_s"]
-    calibrated = predicted
-    if rate is not None and efficiency and rate in efficiency:
+    calibrated = predicted if single and probes else None
+    if not single and probes and rate in probes:
       if "model_inputs" not in hit:
         raise ValueError("the bench rows predate model_inputs: rerun the bench command in "
                          "this module's docstring")
-      calibrated = recompute(hit, efficiency[rate])
-    rows.append({"model": name, "tokens": run["tokens"], "mesh": run.get("mesh", 1),
-                 "rate_mbit": rate, "exchange": spec(run) if run.get("mesh", 1) > 1 else "-",
+      eff = row_efficiency(hit, probes[rate])
+      if eff is not None:
+        calibrated = recompute(hit, eff, netns.burst_bytes(rate))
+    rows.append({"model": hit["model"], "tokens": run["tokens"], "mesh": run.get("mesh", 1),
+                 "rate_mbit": rate, "exchange": "-" if single else spec(run),
                  "measured_s": measured, "predicted_s": predicted,
                  "error": predicted / measured - 1,
                  **({"calibrated_s": calibrated, "calibrated_error": calibrated / measured - 1}
-                    if efficiency else {}),
+                    if calibrated is not None else {}),
                  "bytes_per_device": run.get("bytes_per_device", 0)})
   return sorted(rows, key=lambda r: (r["model"], r["rate_mbit"] or 0, r["exchange"]))
 
 
-def markdown(rows: list[dict], efficiency: dict[float, dict[str, float]] | None = None) -> str:
+def _size(nbytes: int) -> str:
+  return f"{nbytes / 2**20:g} MiB" if nbytes >= 2**20 else f"{nbytes / 1024:g} KiB"
+
+
+def markdown(rows: list[dict],
+             probes: dict[float, dict[tuple[str, int], float]] | None = None) -> str:
   calibrated = any("calibrated_s" in r for r in rows)
   head = ["model", "tokens", "devices", "link Mbit/s", "exchange", "measured s (median)",
           "model s", "model error"] + (["calibrated model s", "calibrated error"]
@@ -216,10 +295,13 @@ def markdown(rows: list[dict], efficiency: dict[float, dict[str, float]] | None 
       cells += [f"{r['calibrated_s']:.3f}", f"{100 * r['calibrated_error']:+.0f}%"] \
           if "calibrated_s" in r else ["-", "-"]
     lines.append("| " + " | ".join(cells) + " |")
-  for rate, kinds in sorted((efficiency or {}).items()):
+  from astra_jax.netsim import netns
+  for rate, kinds in sorted((probes or {}).items()):
     lines.append("")
-    lines.append(f"Link efficiency at {rate:g} Mbit/s (infer.collective_time, measured): " +
-                 ", ".join(f"{k} {v:.0%}" for k, v in sorted(kinds.items())) + ".")
+    lines.append(f"Link efficiency at {rate:g} Mbit/s (infer.collective_time, measured, per "
+                 "message size): " + ", ".join(f"{k} {_size(n)} {v:.0%}"
+                                               for (k, n), v in sorted(kinds.items())) +
+                 f"; tbf bucket {netns.burst_bytes(rate)} bytes.")
   return "\n".join(lines)
 
 
@@ -229,16 +311,12 @@ def main(argv=None):
     measure(args)
   if not os.path.exists(args.bench):
     cli.fail(f"{args.bench} is missing: run the bench command in this module's docstring first")
-  runs = []
-  for path in sorted(glob.glob(os.path.join(args.testbed, "*.json"))):
-    run = json.load(open(path))
-    if "latency_s" in run and "model" in run:
-      runs.append(run)
+  runs = testbed_runs(args.testbed)
   if not runs:
     cli.fail(f"no testbed results in {args.testbed}: run python -m infer.testbed first")
-  efficiency = efficiencies(args.testbed)
+  probes = efficiencies(args.testbed)
   try:
-    rows = join(json.load(open(args.bench))["rows"], runs, efficiency)
+    rows = join(json.load(open(args.bench))["rows"], runs, probes)
   except ValueError as e:
     cli.fail(str(e))
   if not rows:
@@ -246,11 +324,12 @@ def main(argv=None):
              "devices, rates and exchanges with infer.bench")
   with open(args.out + ".json", "w") as f:
     json.dump({"command": "python -m infer.model_check " + " ".join(sys.argv[1:]),
-               "link_efficiency": {f"{r:g}": k for r, k in efficiency.items()},
+               "link_efficiency": {f"{r:g}": {f"{k} {n}": v for (k, n), v in kinds.items()}
+                                   for r, kinds in probes.items()},
                "rows": rows}, f, indent=2)
   with open(args.out + ".md", "w") as f:
-    f.write(markdown(rows, efficiency) + "\n")
-  print(markdown(rows, efficiency))
+    f.write(markdown(rows, probes) + "\n")
+  print(markdown(rows, probes))
   cli.print_result({"rows": len(rows), "out": args.out})
 
 

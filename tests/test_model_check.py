@@ -48,27 +48,52 @@ def test_join_adds_calibrated_columns(bench_rows):
            "exchange": "exact", "latency_s": 2 * bench_rows["exact"]["latency_s"]},
           {"model": "gpt2:micro", "tokens": 256, "mesh": 2, "rate_mbit": 10.0, "tp": "tp",
            "exchange": "exact", "latency_s": bench_rows["tp"]["latency_s"]}]
-  rows = {r["exchange"]: r for r in model_check.join(
-      [dict(r, profile="measured") for r in bench_rows.values()], runs,
-      {10.0: {"all-gather": 0.5}})}
+  rows_in = [dict(r, profile="measured") for r in bench_rows.values()]
+  (kind, count, nbytes), = bench_rows["exact"]["model_inputs"]["transfers"]["per_layer"]
+  probes = {10.0: {("all-gather", nbytes // count): 0.5}}
+  assert model_check.needed_probes(rows_in, runs) == {
+      (10.0, "all-gather", nbytes // count),
+      *((10.0, *model_check.message_bytes(t))
+        for t in bench_rows["tp"]["model_inputs"]["transfers"]["per_layer"])}
+  rows = {r["exchange"]: r for r in model_check.join(rows_in, runs, probes)}
   assert rows["exact"]["error"] == pytest.approx(-0.5)
-  # the all-gathers at half the rate: the bytes' time doubles, alpha and compute do not
+  # the all-gathers at half the rate and the testbed's tbf bucket (16384 bytes at 10 Mbit/s)
+  assert rows["exact"]["calibrated_s"] == pytest.approx(
+      model_check.recompute(bench_rows["exact"], {"all-gather": 0.5}, 16384), rel=1e-9)
   assert -0.5 < rows["exact"]["calibrated_error"] < 0.0
-  # all-reduce not probed: as modelled (the bench rounds to 6 digits)
-  assert rows["tp"]["calibrated_s"] == pytest.approx(rows["tp"]["predicted_s"], rel=1e-5)
-  md = model_check.markdown(list(rows.values()), {10.0: {"all-gather": 0.5}})
+  # tp's all-reduce was not probed at its size: no calibrated value, not a guess
+  assert "calibrated_s" not in rows["tp"]
+  md = model_check.markdown(list(rows.values()), probes)
   assert "| calibrated model s | calibrated error |" in md
-  assert "Link efficiency at 10 Mbit/s (infer.collective_time, measured): all-gather 50%." in md
+  assert (f"Link efficiency at 10 Mbit/s (infer.collective_time, measured, per message size): "
+          f"all-gather {nbytes // count / 1024:g} KiB 50%; tbf bucket 16384 bytes.") in md
+
+
+def test_the_bucket_speeds_up_only_small_messages(bench_rows):
+  # a bucket as deep as a layer's message sends it at once (alpha stays); one far
+  # smaller than the exact exchange's message hardly changes it
+  vq, exact = bench_rows["vq:groups=32"], bench_rows["exact"]
+  deep = model_check.recompute(vq, {}, burst_bytes=1e9)
+  assert deep == pytest.approx(vq["compute_s"] + vq["layers"] * 1e-3, rel=1e-5)
+  assert model_check.recompute(exact, {}, burst_bytes=64) == pytest.approx(
+      exact["latency_s"], rel=1e-3)
 
 
 def test_efficiencies_read_the_probe_files(tmp_path):
-  for kind, mbit in (("all-gather", 5.5), ("all-reduce", 8.0)):
-    (tmp_path / f"collective_{kind}_rate10.json").write_text(json.dumps(
-        {"kind": kind, "rate_mbit": 10.0, "achieved_mbit": mbit}))
-  (tmp_path / "collective_all-to-all_rate100.json").write_text(json.dumps(
-      {"kind": "all-to-all", "rate_mbit": 100.0, "achieved_mbit": 130.0}))  # capped at 1
-  assert model_check.efficiencies(str(tmp_path)) == {
-      10.0: {"all-gather": 0.55, "all-reduce": 0.8}, 100.0: {"all-to-all": 1.0}}
+  # 4 all-gathers of 1000 bytes (P=2) in 4 ms + 4 x alpha: 8 Mbit/s of 10
+  probes = [("all-gather", 1000, 4, 1000, 0.004 + 0.004, 10.0),
+            ("all-reduce", 4096, 2, 4096, 2 * 4096 * 8 / 8e6 + 0.002, 10.0),
+            ("all-to-all", 64, 8, 32, 0.001, 100.0)]  # faster than alpha: capped at 1
+  for kind, nbytes, count, wire, secs, rate in probes:
+    (tmp_path / f"collective_{kind}_{nbytes}B_rate{rate:g}.json").write_text(json.dumps(
+        {"kind": kind, "bytes": nbytes, "count": count, "wire_bytes": wire, "latency_s": secs,
+         "rate_mbit": rate}))
+  (tmp_path / "collective_all-gather_rate10.json").write_text("{}")  # the old layout: ignored
+  found = model_check.efficiencies(str(tmp_path))
+  assert found[10.0] == {("all-gather", 1000): pytest.approx(0.8),
+                         ("all-reduce", 4096): pytest.approx(0.8)}
+  assert found[100.0] == {("all-to-all", 64): 1.0}
+  assert model_check.message_bytes(["all-gather-start", 3, 3 * 4098]) == ("all-gather", 4096)
 
 
 @pytest.mark.parametrize("kind", ["all-gather", "all-reduce", "all-to-all",
