@@ -325,11 +325,14 @@ def main(argv=None):
     rows.append(dict(result, **row))
     write(args, task, rows, kept)  # after every row, so a long run leaves a usable table
   g32 = os.path.join(args.root, "vq_g32" + sfx)
+  # a G=32 run counts as fine-tuned once its row is in the table (a killed run's
+  # folder may hold a checkpoint of its first steps only)
+  finetuned = os.path.isdir(g32) and any(r["name"] == "vq_g32" + sfx for r in rows + kept)
   for rate in task.loss_rates:
     name = loss_name(rate)
     if args.only is not None and name not in args.only:
       continue
-    if os.path.isdir(g32):
+    if finetuned:
       result = _run(*task.infer, f"--workdir={g32}", mesh, f"--drop-rate={rate}", *data,
                     *windows)
       label = f"ASTRA G=32{size_label}, {rate:.0%} of codes lost"
@@ -343,11 +346,11 @@ def main(argv=None):
     rows.append(dict(result, name=name + sfx, label=label))
     write(args, task, rows, kept)
   if task.model and (args.only is None or "continuations" in args.only):
-    g32_start = [f"--workdir={g32}"] if os.path.isdir(g32) else \
+    g32_start = [f"--workdir={g32}"] if finetuned else \
         [*start, f"--exchange=vq:groups=32{size_spec}"]
     continuations(args, task, [
         ("exact", [*task.infer[:1], *start]),
-        ("ASTRA G=32" + (" (fine-tuned)" if os.path.isdir(g32) else " (k-means only)"),
+        ("ASTRA G=32" + (" (fine-tuned)" if finetuned else " (k-means only)"),
          [*task.infer[:1], *g32_start])], mesh)
   for name, label, flags in task.baselines:
     if args.only is None or name in args.only:

@@ -91,3 +91,24 @@ def test_keep_baselines_reuses_the_files_rows_and_checks_them(tmp_path, monkeypa
   calls.clear()
   results.main(base)  # without the flag the baselines are evaluated again
   assert [c for c in calls if "--mesh=1" in c]
+
+
+def test_a_killed_g32_run_is_not_taken_for_a_fine_tuned_one(tmp_path, monkeypatch):
+  calls = []
+
+  def fake_run(*command):
+    calls.append(command)
+    return {"completion": " x", "perplexity": 27.0, "bytes_per_device": 5}
+
+  monkeypatch.setattr(results, "_run", fake_run)
+  out, md, root = tmp_path / "r.json", tmp_path / "R.md", tmp_path / "runs"
+  (root / "vq_g32" / "checkpoints" / "1").mkdir(parents=True)  # the first steps only
+  out.write_text(json.dumps({"rows": [_baseline("single_device", 1), _baseline("exact", 4)]}))
+  base = ["smollm2", f"--results={out}", f"--markdown={md}", f"--root={root}",
+          "--eval-windows=2", "--keep-baselines"]
+  results.main([*base, "--only", "continuations", "vq_g32_loss5"])
+  g32 = [c for c in calls if any(a.startswith("--workdir=") for a in c)]
+  assert not g32  # k-means only, not the killed run's checkpoint
+  assert "ASTRA G=32 (k-means only)" in json.loads(out.read_text())["continuations"]["systems"]
+  loss = json.loads(out.read_text())["rows"][-1]
+  assert loss["name"] == "vq_g32_loss5" and "zero-shot" in loss["label"]
