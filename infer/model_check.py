@@ -152,6 +152,13 @@ def message_bytes(transfer) -> tuple[str, int]:
   return kind.removesuffix("-start"), max(4, nbytes // count // 4 * 4)
 
 
+def row_messages(row: dict):
+  """(kind, message bytes) of every collective in a bench row's model inputs."""
+  for part in ("per_layer", "final"):
+    for transfer in row["model_inputs"]["transfers"][part]:
+      yield message_bytes(transfer)
+
+
 def testbed_runs(folder: str) -> list[dict]:
   runs = []
   for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
@@ -180,9 +187,7 @@ def needed_probes(bench_rows: list[dict], runs: list[dict]) -> set[tuple[float, 
   for run, row in matches(bench_rows, runs):
     if row is None or run.get("mesh", 1) == 1 or "model_inputs" not in row:
       continue
-    for part in ("per_layer", "final"):
-      for transfer in row["model_inputs"]["transfers"][part]:
-        need.add((row["bandwidth_mbps"], *message_bytes(transfer)))
+    need.update((row["bandwidth_mbps"], *key) for key in row_messages(row))
   return need
 
 
@@ -205,12 +210,10 @@ def row_efficiency(row: dict, probed: dict[tuple[str, int], float]) -> dict[str,
   """A bench row's link efficiency per kind from the probes of its message
   sizes; None when one of them was not probed."""
   eff = {}
-  for part in ("per_layer", "final"):
-    for transfer in row["model_inputs"]["transfers"][part]:
-      key = message_bytes(transfer)
-      if key not in probed:
-        return None
-      eff[key[0]] = probed[key]
+  for key in row_messages(row):
+    if key not in probed:
+      return None
+    eff[key[0]] = probed[key]
   return eff
 
 

@@ -341,7 +341,8 @@ def main(argv=None):
                     f"--drop-rate={rate}")
       label = f"ASTRA G=32{size_label} zero-shot (k-means only), {rate:.0%} of codes lost"
     else:
-      print(f"skipping {name}: no ASTRA G=32 run in {g32}", flush=True)
+      print(f"skipping {name}: no finished ASTRA G=32 run ({g32} with its row in "
+            f"{args.results}; run --only vq_g32 first)", flush=True)
       continue
     rows.append(dict(result, name=name + sfx, label=label))
     write(args, task, rows, kept)
