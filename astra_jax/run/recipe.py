@@ -57,7 +57,7 @@ def train(model: nnx.Module, tx, *, cfg, run: str, mesh, ckpt: checkpoint.Checkp
   graphdef, params, rest = apply.split_model(model)
   state = training.resume(ckpt, training.init_state(params, rest, tx), run)
   workdir.save_config(run, cfg)
-  state = mesh_lib.replicate(state, mesh)
+  state = mesh_lib.replicate(training.owned(state), mesh)  # the step donates it
   step_fn = training.make_train_step(
       apply.sequence_apply(graphdef, mesh, in_seq_dims=(1, 0), train=True,
                            out_seq_dim=out_seq_dim),
