@@ -241,10 +241,14 @@ def _run(module, *args):
 
 
 def table(task: Task, rows: list[dict]) -> str:
+  """The markdown table; with an ``exact_ft`` row (the exact model fine-tuned like
+  the ASTRA rows), fine-tuned rows also get their change against it."""
   exact = next(r for r in rows if r["name"] == "exact")
+  tuned = next((r for r in rows if r["name"] == "exact_ft"), None)
   extra = [h for h, _ in task.columns]
   head = ["setting", *extra, "G", "bits/token (K or V)", "bytes/device/example",
           "less traffic than exact", "received/device/example", task.metric_label, "change"]
+  head += ["change vs exact fine-tuned"] if tuned else []
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     ratio = exact["bytes_per_device"] / r["bytes_per_device"] if r["bytes_per_device"] else None
@@ -253,8 +257,17 @@ def table(task: Task, rows: list[dict]) -> str:
              f"{r['bytes_per_device']:,}",
              f"{ratio:.1f}x" if ratio else "-", _received(r), task.fmt(r[task.metric]),
              "-" if r["name"] == "exact" else task.change(r[task.metric], exact[task.metric])]
+    if tuned:
+      cells.append(task.change(r[task.metric], tuned[task.metric])
+                   if finetuned(r) and r is not tuned else "-")
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines + ["", NOTE])
+
+
+def finetuned(row: dict) -> bool:
+  """Whether a row's model was fine-tuned: it trained steps (the train CLI's
+  ``steps``), or it is a link-loss row of a fine-tuned G=32 run."""
+  return bool(row.get("steps")) or bool(row.get("finetuned"))
 
 
 NOTE = ("bytes/device/example: operand bytes a device hands to collectives per example "
@@ -346,7 +359,7 @@ def main(argv=None):
       print(f"skipping {name}: no finished ASTRA G=32 run ({g32} with its row in "
             f"{args.results}; run --only vq_g32 first)", flush=True)
       continue
-    rows.append(dict(result, name=name + sfx, label=label))
+    rows.append(dict(result, name=name + sfx, label=label, finetuned=finetuned))
     write(args, task, rows, kept)
   if task.model and (args.only is None or "continuations" in args.only):
     g32_start = [f"--workdir={g32}"] if finetuned else \

@@ -112,3 +112,23 @@ def test_a_killed_g32_run_is_not_taken_for_a_fine_tuned_one(tmp_path, monkeypatc
   assert "ASTRA G=32 (k-means only)" in json.loads(out.read_text())["continuations"]["systems"]
   loss = json.loads(out.read_text())["rows"][-1]
   assert loss["name"] == "vq_g32_loss5" and "zero-shot" in loss["label"]
+
+
+def test_fine_tuned_rows_are_also_compared_with_the_exact_model_fine_tuned_alike():
+  row = lambda name, ppl, **kw: {"name": name, "label": name, "perplexity": ppl,
+                                 "bytes_per_device": 10, **kw}
+  rows = [row("exact", 26.0), row("vq_g32", 22.0, steps=100), row("exact_ft", 20.0, steps=100),
+          row("vq_g32_kmeans", 27.0, steps=0), row("vq_g32_loss1", 23.0, finetuned=True),
+          row("vq_g1_kmeans", 30.0)]
+  lines = results.table(results.SMOLLM2, rows).splitlines()
+  assert lines[0].endswith("| change | change vs exact fine-tuned |")
+  cells = {c[0]: c[-2:] for c in ([x.strip() for x in line.strip("|").split("|")]
+                                   for line in lines[2:8])}
+  assert cells["exact"] == ["-", "-"]
+  assert cells["vq_g32"] == ["-15.4%", "+10.0%"]
+  assert cells["exact_ft"] == ["-23.1%", "-"]
+  assert cells["vq_g32_kmeans"] == ["+3.8%", "-"]  # zero-shot: against the checkpoint only
+  assert cells["vq_g32_loss1"] == ["-11.5%", "+15.0%"]
+  assert cells["vq_g1_kmeans"] == ["+15.4%", "-"]
+  # without an exact_ft row the table keeps its columns
+  assert "fine-tuned" not in results.table(results.SMOLLM2, rows[:2]).splitlines()[0]
