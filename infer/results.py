@@ -28,7 +28,9 @@ RESULTS.md after every row.  Finished runs in ``--root`` are only re-evaluated
 and keeps the others from the previous results file; with ``--keep-baselines``
 it also keeps that file's single-device and exact rows instead of evaluating
 them again (checked: same mesh, same tokens scored), which on SmolLM2 saves
-two 100-window evaluations (about 20 min each on a 2-core machine).
+two 100-window evaluations (about 20 min each on a 2-core machine);
+``--keep-baselines --only`` with no names runs nothing and writes the table
+again from the results file.
 
 ``smollm2`` starts from the bundled pretrained SmolLM2-135M-Instruct instead of
 an exact run (``--model smollm2``; held-out Shakespeare, 1024-token windows,
@@ -374,7 +376,7 @@ def main(argv=None):
       write(args, task, rows, kept)
   if not task.model and (args.only is None or set(args.only) & set(SPD_ROWS)):
     rows += spd_rows(task, _run("infer.spd", f"--workdir={exact_dir}", mesh, *data))
-    write(args, task, rows, kept)
+  write(args, task, rows, kept)  # (--keep-baselines --only with no names: only this)
   print(table(task, order(task, rows + kept)))
 
 

@@ -88,6 +88,10 @@ def test_keep_baselines_reuses_the_files_rows_and_checks_them(tmp_path, monkeypa
     results.main([*base, "--keep-baselines", "--mesh=2"])
   with pytest.raises(SystemExit):  # nothing named to run
     results.parse(["smollm2", "--keep-baselines"])
+  md.write_text("")  # --only with no names: nothing runs, the table is written again
+  results.main([*base[:4], "--only", "--keep-baselines"])
+  assert len(calls) == 1 and "| ASTRA G=16, k-means only (no fine-tuning) |" in md.read_text()
+  assert md.read_text().count("| single_device | - |") == 1
   calls.clear()
   results.main(base)  # without the flag the baselines are evaluated again
   assert [c for c in calls if "--mesh=1" in c]
