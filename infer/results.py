@@ -261,12 +261,12 @@ def table(task: Task, rows: list[dict]) -> str:
              "-" if r["name"] == "exact" else task.change(r[task.metric], exact[task.metric])]
     if tuned:
       cells.append(task.change(r[task.metric], tuned[task.metric])
-                   if finetuned(r) and r is not tuned else "-")
+                   if is_finetuned(r) and r is not tuned else "-")
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines + ["", NOTE])
 
 
-def finetuned(row: dict) -> bool:
+def is_finetuned(row: dict) -> bool:
   """Whether a row's model was fine-tuned: it trained steps (the train CLI's
   ``steps``), or it is a link-loss row of a fine-tuned G=32 run."""
   return bool(row.get("steps")) or bool(row.get("finetuned"))
