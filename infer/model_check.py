@@ -33,6 +33,13 @@ the depth the testbed configures: it refills while a rank computes): the
 ``calibrated`` columns.  The probes measure the collectives, not the forwards
 they are compared with, so nothing is fitted to the answer.
 
+``--bucket none`` joins again with no bucket credited (every byte of a layer's
+exchange at the measured rate), to read how much of a row's calibrated time
+the bucket's refill during compute takes off (``--out`` elsewhere keeps the
+default files):
+
+  python -m infer.model_check --bucket none --out results/testbed/model_check_no_bucket
+
 Parts of ``--measure`` can be run alone (``--measure bench probes``): the
 probes need the bench rows (their message sizes) and the testbed runs.
 """
@@ -58,6 +65,10 @@ def parse(argv):
   p.add_argument("--repeats", type=cli.at_least(1), default=5)
   p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
                  help="testbed models to measure (default all)")
+  p.add_argument("--bucket", choices=BUCKETS, default="tbf",
+                 help="calibrated model's token bucket: tbf = the testbed's tbf depth, "
+                      "refilled while a rank computes; none = no credit (every byte at "
+                      "the measured rate)")
   args = p.parse_args(argv)
   if args.measure == []:
     args.measure = list(PARTS)
@@ -65,6 +76,7 @@ def parse(argv):
 
 
 PARTS = ("testbed", "bench", "probes")
+BUCKETS = ("tbf", "none")
 
 # file suffix -> (bench strategy spec, prefill_time flags)
 STRATEGIES = {
@@ -248,11 +260,12 @@ def spec(run: dict) -> str:
 
 
 def join(bench_rows: list[dict], runs: list[dict],
-         probes: dict[float, dict[tuple[str, int], float]] | None = None) -> list[dict]:
+         probes: dict[float, dict[tuple[str, int], float]] | None = None,
+         bucket: str = "tbf") -> list[dict]:
   """One row per testbed run that the bench modelled (same model/tokens/P/rate/exchange);
   with ``probes`` (per rate, per (kind, message bytes) efficiency), also the
-  calibrated model for every row whose message sizes were probed."""
-  from astra_jax.netsim import netns
+  calibrated model for every row whose message sizes were probed, with the
+  testbed's tbf bucket (``bucket="tbf"``) or none (``"none"``)."""
   rows = []
   for run, hit in matches(bench_rows, runs):
     if hit is None:
@@ -268,7 +281,7 @@ def join(bench_rows: list[dict], runs: list[dict],
                          "this module's docstring")
       eff = row_efficiency(hit, probes[rate])
       if eff is not None:
-        calibrated = recompute(hit, eff, netns.burst_bytes(rate))
+        calibrated = recompute(hit, eff, bucket_bytes(bucket, rate))
     rows.append({"model": hit["model"], "tokens": run["tokens"], "mesh": run.get("mesh", 1),
                  "rate_mbit": rate, "exchange": "-" if single else spec(run),
                  "measured_s": measured, "predicted_s": predicted,
@@ -279,12 +292,21 @@ def join(bench_rows: list[dict], runs: list[dict],
   return sorted(rows, key=lambda r: (r["model"], r["rate_mbit"] or 0, r["exchange"]))
 
 
+def bucket_bytes(bucket: str, rate: float) -> int:
+  """The token bucket the calibrated model credits at ``rate`` Mbit/s."""
+  from astra_jax.netsim import netns
+  if bucket not in BUCKETS:
+    raise ValueError(f"unknown bucket {bucket!r}; choose one of {list(BUCKETS)}")
+  return netns.burst_bytes(rate) if bucket == "tbf" else 0
+
+
 def _size(nbytes: int) -> str:
   return f"{nbytes / 2**20:g} MiB" if nbytes >= 2**20 else f"{nbytes / 1024:g} KiB"
 
 
 def markdown(rows: list[dict],
-             probes: dict[float, dict[tuple[str, int], float]] | None = None) -> str:
+             probes: dict[float, dict[tuple[str, int], float]] | None = None,
+             bucket: str = "tbf") -> str:
   calibrated = any("calibrated_s" in r for r in rows)
   head = ["model", "tokens", "devices", "link Mbit/s", "exchange", "measured s (median)",
           "model s", "model error"] + (["calibrated model s", "calibrated error"]
@@ -298,13 +320,13 @@ def markdown(rows: list[dict],
       cells += [f"{r['calibrated_s']:.3f}", f"{100 * r['calibrated_error']:+.0f}%"] \
           if "calibrated_s" in r else ["-", "-"]
     lines.append("| " + " | ".join(cells) + " |")
-  from astra_jax.netsim import netns
   for rate, kinds in sorted((probes or {}).items()):
+    depth = bucket_bytes(bucket, rate)
     lines.append("")
     lines.append(f"Link efficiency at {rate:g} Mbit/s (infer.collective_time, measured, per "
                  "message size): " + ", ".join(f"{k} {_size(n)} {v:.0%}"
                                                for (k, n), v in sorted(kinds.items())) +
-                 f"; tbf bucket {netns.burst_bytes(rate)} bytes.")
+                 (f"; tbf bucket {depth} bytes." if depth else "; no bucket credited."))
   return "\n".join(lines)
 
 
@@ -319,7 +341,7 @@ def main(argv=None):
     cli.fail(f"no testbed results in {args.testbed}: run python -m infer.testbed first")
   probes = efficiencies(args.testbed)
   try:
-    rows = join(json.load(open(args.bench))["rows"], runs, probes)
+    rows = join(json.load(open(args.bench))["rows"], runs, probes, args.bucket)
   except ValueError as e:
     cli.fail(str(e))
   if not rows:
@@ -327,12 +349,13 @@ def main(argv=None):
              "devices, rates and exchanges with infer.bench")
   with open(args.out + ".json", "w") as f:
     json.dump({"command": "python -m infer.model_check " + " ".join(sys.argv[1:]),
+               "bucket": args.bucket,
                "link_efficiency": {f"{r:g}": {f"{k} {n}": v for (k, n), v in kinds.items()}
                                    for r, kinds in probes.items()},
                "rows": rows}, f, indent=2)
   with open(args.out + ".md", "w") as f:
-    f.write(markdown(rows, probes) + "\n")
-  print(markdown(rows, probes))
+    f.write(markdown(rows, probes, args.bucket) + "\n")
+  print(markdown(rows, probes, args.bucket))
   cli.print_result({"rows": len(rows), "out": args.out})
 
 

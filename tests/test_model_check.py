@@ -135,3 +135,29 @@ def test_collective_time_over_a_shaped_link(tmp_path):
   assert 0.2 * rate < result["achieved_mbit"] < 1.05 * rate, result
   # warm-up + 2 repeats, 2 all-gathers each, crossed the shaped links
   assert all(b >= 3 * 2 * 131072 for b in result["link_bytes"]), result
+
+
+def test_join_without_the_bucket_credits_no_burst(bench_rows):
+  runs = [{"model": "gpt2:micro", "tokens": 256, "mesh": 2, "rate_mbit": 10.0,
+           "exchange": "vq", "groups": 32, "latency_s": bench_rows["vq:groups=32"]["latency_s"]}]
+  rows_in = [dict(r, profile="measured") for r in bench_rows.values()]
+  probes = {10.0: {model_check.message_bytes(t): 0.9 for t in
+                   bench_rows["vq:groups=32"]["model_inputs"]["transfers"]["per_layer"]}}
+  eff = {"all-gather": 0.9}
+  tbf, = model_check.join(rows_in, runs, probes)
+  none, = model_check.join(rows_in, runs, probes, bucket="none")
+  assert tbf["calibrated_s"] == pytest.approx(
+      model_check.recompute(bench_rows["vq:groups=32"], eff, 16384), rel=1e-9)
+  assert none["calibrated_s"] == pytest.approx(
+      model_check.recompute(bench_rows["vq:groups=32"], eff, 0), rel=1e-9)
+  assert none["calibrated_s"] > tbf["calibrated_s"]  # the bucket only ever takes time off
+  assert "no bucket credited." in model_check.markdown([none], probes, "none")
+  assert "tbf bucket 16384 bytes." in model_check.markdown([tbf], probes, "tbf")
+  with pytest.raises(ValueError, match="unknown bucket 'deep'"):
+    model_check.bucket_bytes("deep", 10.0)
+
+
+def test_bucket_option_is_checked_by_the_parser():
+  with pytest.raises(SystemExit):
+    model_check.parse(["--bucket", "deep"])
+  assert model_check.parse([]).bucket == "tbf"
