@@ -21,8 +21,19 @@ every kind the strategies use and gives the latency model the ratio to the
 link's rate (``--link-efficiency`` of ``infer.bench``): a calibration from a
 measurement of the collectives themselves, not of the forwards it predicts.
 
+``--gap-s S`` runs the ``--count`` collectives as that many calls of a
+one-collective program instead, each after S seconds of idling (every process
+alike), and times only the calls: a link idles between a forward's layers
+while the ranks compute, and a tbf bucket refills then, so this measures what
+a layer's exchange gets after a compute-long pause (the latency model's
+``burst_bytes`` credit); back to back, only the first collective gets it.
+
+  python -m infer.testbed --procs 2 --rate 10 -- infer.collective_time --kind all-gather \\
+      --bytes 40960 --count 12 --mesh 2 --gap-s 0.1
+
 The last line is one JSON object: kind, bytes, count, mesh, processes,
 latency_s (median), latencies_s, wire_bytes (per collective), achieved_mbit,
+gap_s, calls (programs run per repeat: 1, or ``--count`` with a gap),
 hlo_collectives (what the compiled program holds, to show the count is real).
 """
 
@@ -47,6 +58,9 @@ def parse(argv):
   p.add_argument("--mesh", type=cli.at_least(2), default=2, help="devices taking part")
   p.add_argument("--repeats", type=cli.at_least(1), default=5, help="timed runs")
   p.add_argument("--warmup", type=cli.at_least(0), default=1, help="untimed runs after compiling")
+  p.add_argument("--gap-s", type=cli.nonnegative, default=0.0,
+                 help="seconds of idling before each collective, run one per call "
+                      "(default 0: all chained in one program)")
   p.add_argument("--out", default=None, help="also write the JSON result here")
   distributed.add_flags(p)
   return p.parse_args(argv)
@@ -86,26 +100,38 @@ def measure(args) -> dict:
   mesh = mesh_lib.make_seq_mesh(args.mesh)
   axis = mesh.axis_names[0]
   n = args.bytes // 4
-  fn = jax.jit(jax.shard_map(program(args.kind, args.count, axis), mesh=mesh,
+  calls = args.count if args.gap_s > 0 else 1
+  fn = jax.jit(jax.shard_map(program(args.kind, args.count // calls, axis), mesh=mesh,
                              in_specs=PartitionSpec(axis), out_specs=PartitionSpec(axis)))
   x = mesh_lib.to_global(np.ones((args.mesh * n,), np.float32), mesh, 0)
   compiled = fn.lower(x).compile()
   report = traffic.hlo_traffic(compiled.as_text())
+
+  def run() -> float:
+    """Seconds in the collective calls of one run, the idle gaps left out."""
+    spent = 0.0
+    for _ in range(calls):
+      if args.gap_s:
+        time.sleep(args.gap_s)
+      start = time.perf_counter()
+      jax.block_until_ready(compiled(x))
+      spent += time.perf_counter() - start
+    return spent
+
   for i in range(args.warmup):
     barrier(f"warmup {i}")
-    jax.block_until_ready(compiled(x))
+    run()
   times = []
   for i in range(args.repeats):
     barrier(f"repeat {i}")
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(x))
-    times.append(time.perf_counter() - start)
+    times.append(run())
   times = slowest(times)
   seconds = statistics.median(times)
   wire = latency.wire_bytes(args.kind, n * 4, args.mesh, "switched")
   return {"kind": args.kind, "bytes": n * 4, "count": args.count, "mesh": args.mesh,
           "processes": jax.process_count(), "latency_s": seconds, "latencies_s": times,
           "wire_bytes": wire, "achieved_mbit": args.count * wire * 8 / seconds / 1e6,
+          "gap_s": args.gap_s, "calls": calls,
           "hlo_collectives": report.by_kind()}
 
 

@@ -40,6 +40,14 @@ default files):
 
   python -m infer.model_check --bucket none --out results/testbed/model_check_no_bucket
 
+and ``--bucket measured`` credits the bucket that idle-gap probes measured
+(``infer.collective_time --gap-s``: the same collective after a compute-long
+pause, set against it back to back; ``measured_buckets``), read from
+``--gap-probes`` (commands in ``results/testbed_gap/COMMANDS.md``):
+
+  python -m infer.model_check --bucket measured --gap-probes results/testbed_gap \\
+      --out results/testbed/model_check_gap_bucket
+
 Parts of ``--measure`` can be run alone (``--measure bench probes``): the
 probes need the bench rows (their message sizes) and the testbed runs.
 """
@@ -68,7 +76,11 @@ def parse(argv):
   p.add_argument("--bucket", choices=BUCKETS, default="tbf",
                  help="calibrated model's token bucket: tbf = the testbed's tbf depth, "
                       "refilled while a rank computes; none = no credit (every byte at "
-                      "the measured rate)")
+                      "the measured rate); measured = what idle-gap probes "
+                      "(collective_time --gap-s) measured")
+  p.add_argument("--gap-probes", default=None,
+                 help="folder of the idle-gap probes for --bucket measured "
+                      "(default: --testbed)")
   args = p.parse_args(argv)
   if args.measure == []:
     args.measure = list(PARTS)
@@ -76,7 +88,7 @@ def parse(argv):
 
 
 PARTS = ("testbed", "bench", "probes")
-BUCKETS = ("tbf", "none")
+BUCKETS = ("tbf", "none", "measured")
 
 # file suffix -> (bench strategy spec, prefill_time flags)
 STRATEGIES = {
@@ -211,11 +223,39 @@ def efficiencies(folder: str) -> dict[float, dict[tuple[str, int], float]]:
   found: dict[float, dict[tuple[str, int], float]] = {}
   for path in glob.glob(os.path.join(folder, "collective_*B_rate*.json")):
     probe = json.load(open(path))
+    if probe.get("gap_s", 0) > 0:  # an idle-gap probe: measured_buckets reads it
+      continue
     seconds = probe["latency_s"] - probe["count"] * latency.DEFAULT_MESSAGE_LATENCY_S
     bits = 8 * probe["count"] * probe["wire_bytes"]
     eff = 1.0 if seconds <= 0 else min(1.0, bits / seconds / 1e6 / probe["rate_mbit"])
     found.setdefault(probe["rate_mbit"], {})[(probe["kind"], probe["bytes"])] = eff
   return found
+
+
+def measured_buckets(folder: str) -> dict[float, int]:
+  """Per link rate, the bucket an exchange really gets after a compute-long idle
+  spell, from the idle-gap probes (``collective_time --gap-s``) in ``folder``:
+  a call's time t, less alpha, at the back-to-back probe's efficiency e of the
+  same (kind, bytes, rate) sends t x rate x e bytes, so the first
+  wire - t x rate x e bytes left at once (clamped to [0, tbf's depth]; the
+  mean over the rate's probes)."""
+  from astra_jax.netsim import latency, netns
+  chained = efficiencies(folder)
+  found: dict[float, list[float]] = {}
+  for path in sorted(glob.glob(os.path.join(folder, "collective_*B_rate*.json"))):
+    probe = json.load(open(path))
+    if probe.get("gap_s", 0) <= 0:
+      continue
+    rate, key = probe["rate_mbit"], (probe["kind"], probe["bytes"])
+    if key not in chained.get(rate, {}):
+      raise ValueError(f"{path} has no back-to-back probe of {key[0]} {key[1]} bytes at "
+                       f"{rate:g} Mbit/s beside it: run infer.collective_time without "
+                       "--gap-s too")
+    seconds = probe["latency_s"] / probe["calls"] - latency.DEFAULT_MESSAGE_LATENCY_S
+    sent = max(0.0, seconds) * rate * 1e6 * chained[rate][key] / 8
+    depth = netns.burst_bytes(rate)
+    found.setdefault(rate, []).append(min(depth, max(0.0, probe["wire_bytes"] - sent)))
+  return {rate: int(round(sum(b) / len(b))) for rate, b in found.items()}
 
 
 def row_efficiency(row: dict, probed: dict[tuple[str, int], float]) -> dict[str, float] | None:
@@ -261,11 +301,12 @@ def spec(run: dict) -> str:
 
 def join(bench_rows: list[dict], runs: list[dict],
          probes: dict[float, dict[tuple[str, int], float]] | None = None,
-         bucket: str = "tbf") -> list[dict]:
+         bucket: str = "tbf", gap_buckets: dict[float, int] | None = None) -> list[dict]:
   """One row per testbed run that the bench modelled (same model/tokens/P/rate/exchange);
   with ``probes`` (per rate, per (kind, message bytes) efficiency), also the
   calibrated model for every row whose message sizes were probed, with the
-  testbed's tbf bucket (``bucket="tbf"``) or none (``"none"``)."""
+  testbed's tbf bucket (``bucket="tbf"``), none (``"none"``) or the bucket
+  ``gap_buckets`` measured per rate by idle-gap probes (``"measured"``)."""
   rows = []
   for run, hit in matches(bench_rows, runs):
     if hit is None:
@@ -281,7 +322,7 @@ def join(bench_rows: list[dict], runs: list[dict],
                          "this module's docstring")
       eff = row_efficiency(hit, probes[rate])
       if eff is not None:
-        calibrated = recompute(hit, eff, bucket_bytes(bucket, rate))
+        calibrated = recompute(hit, eff, bucket_bytes(bucket, rate, gap_buckets))
     rows.append({"model": hit["model"], "tokens": run["tokens"], "mesh": run.get("mesh", 1),
                  "rate_mbit": rate, "exchange": "-" if single else spec(run),
                  "measured_s": measured, "predicted_s": predicted,
@@ -292,11 +333,16 @@ def join(bench_rows: list[dict], runs: list[dict],
   return sorted(rows, key=lambda r: (r["model"], r["rate_mbit"] or 0, r["exchange"]))
 
 
-def bucket_bytes(bucket: str, rate: float) -> int:
+def bucket_bytes(bucket: str, rate: float, measured: dict[float, int] | None = None) -> int:
   """The token bucket the calibrated model credits at ``rate`` Mbit/s."""
   from astra_jax.netsim import netns
   if bucket not in BUCKETS:
     raise ValueError(f"unknown bucket {bucket!r}; choose one of {list(BUCKETS)}")
+  if bucket == "measured":
+    if rate not in (measured or {}):
+      raise ValueError(f"no idle-gap probe at {rate:g} Mbit/s for --bucket measured: run "
+                       "the commands in results/testbed_gap/COMMANDS.md at that rate")
+    return measured[rate]
   return netns.burst_bytes(rate) if bucket == "tbf" else 0
 
 
@@ -306,7 +352,7 @@ def _size(nbytes: int) -> str:
 
 def markdown(rows: list[dict],
              probes: dict[float, dict[tuple[str, int], float]] | None = None,
-             bucket: str = "tbf") -> str:
+             bucket: str = "tbf", measured: dict[float, int] | None = None) -> str:
   calibrated = any("calibrated_s" in r for r in rows)
   head = ["model", "tokens", "devices", "link Mbit/s", "exchange", "measured s (median)",
           "model s", "model error"] + (["calibrated model s", "calibrated error"]
@@ -321,12 +367,18 @@ def markdown(rows: list[dict],
           if "calibrated_s" in r else ["-", "-"]
     lines.append("| " + " | ".join(cells) + " |")
   for rate, kinds in sorted((probes or {}).items()):
-    depth = bucket_bytes(bucket, rate)
+    if bucket == "measured" and rate not in (measured or {}):
+      tail = "; no bucket measured at this rate."
+    elif bucket == "none":
+      tail = "; no bucket credited."
+    else:
+      what = "tbf bucket" if bucket == "tbf" else "bucket measured after idle gaps"
+      tail = f"; {what} {bucket_bytes(bucket, rate, measured)} bytes."
     lines.append("")
     lines.append(f"Link efficiency at {rate:g} Mbit/s (infer.collective_time, measured, per "
                  "message size): " + ", ".join(f"{k} {_size(n)} {v:.0%}"
                                                for (k, n), v in sorted(kinds.items())) +
-                 (f"; tbf bucket {depth} bytes." if depth else "; no bucket credited."))
+                 tail)
   return "\n".join(lines)
 
 
@@ -341,7 +393,9 @@ def main(argv=None):
     cli.fail(f"no testbed results in {args.testbed}: run python -m infer.testbed first")
   probes = efficiencies(args.testbed)
   try:
-    rows = join(json.load(open(args.bench))["rows"], runs, probes, args.bucket)
+    measured = (measured_buckets(args.gap_probes or args.testbed)
+                if args.bucket == "measured" else None)
+    rows = join(json.load(open(args.bench))["rows"], runs, probes, args.bucket, measured)
   except ValueError as e:
     cli.fail(str(e))
   if not rows:
@@ -350,12 +404,14 @@ def main(argv=None):
   with open(args.out + ".json", "w") as f:
     json.dump({"command": "python -m infer.model_check " + " ".join(sys.argv[1:]),
                "bucket": args.bucket,
+               **({"measured_bucket_bytes": {f"{r:g}": b for r, b in measured.items()}}
+                  if measured else {}),
                "link_efficiency": {f"{r:g}": {f"{k} {n}": v for (k, n), v in kinds.items()}
                                    for r, kinds in probes.items()},
                "rows": rows}, f, indent=2)
   with open(args.out + ".md", "w") as f:
-    f.write(markdown(rows, probes, args.bucket) + "\n")
-  print(markdown(rows, probes, args.bucket))
+    f.write(markdown(rows, probes, args.bucket, measured) + "\n")
+  print(markdown(rows, probes, args.bucket, measured))
   cli.print_result({"rows": len(rows), "out": args.out})
 
 

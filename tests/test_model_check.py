@@ -96,6 +96,38 @@ def test_efficiencies_read_the_probe_files(tmp_path):
   assert model_check.message_bytes(["all-gather-start", 3, 3 * 4098]) == ("all-gather", 4096)
 
 
+def _probe(folder, name, **fields):
+  (folder / name).write_text(json.dumps(dict(kind="all-gather", rate_mbit=10.0, **fields)))
+
+
+def test_measured_buckets_from_idle_gap_probes(tmp_path):
+  # back to back: 4 all-gathers of 40,000 bytes at 8 of 10 Mbit/s, plus alpha each
+  per_call = 40_000 * 8 / 8e6
+  _probe(tmp_path, "collective_all-gather_40000B_rate10.json", bytes=40_000, count=4,
+         wire_bytes=40_000, latency_s=4 * (per_call + 1e-3))
+  # after idle gaps each call takes 3/4 of that: a quarter of its bytes left at once
+  _probe(tmp_path, "collective_all-gather_40000B_rate10_gap0.1.json", bytes=40_000, count=4,
+         calls=4, gap_s=0.1, wire_bytes=40_000, latency_s=4 * (0.75 * per_call + 1e-3))
+  # the gap probe is not a back-to-back efficiency
+  assert model_check.efficiencies(str(tmp_path)) == {
+      10.0: {("all-gather", 40_000): pytest.approx(0.8)}}
+  assert model_check.measured_buckets(str(tmp_path)) == {10.0: 10_000}
+  assert model_check.bucket_bytes("measured", 10.0, {10.0: 10_000}) == 10_000
+  with pytest.raises(ValueError, match="no idle-gap probe at 100 Mbit/s"):
+    model_check.bucket_bytes("measured", 100.0, {10.0: 10_000})
+  # a gap faster than the bucket could allow is capped at tbf's depth (16384 at 10 Mbit/s)
+  _probe(tmp_path, "collective_all-gather_40000B_rate10_gap0.1.json", bytes=40_000, count=4,
+         calls=4, gap_s=0.1, wire_bytes=40_000, latency_s=4 * 1e-3)
+  assert model_check.measured_buckets(str(tmp_path)) == {10.0: 16384}
+
+
+def test_measured_buckets_need_the_back_to_back_probe(tmp_path):
+  _probe(tmp_path, "collective_all-gather_40000B_rate10_gap0.1.json", bytes=40_000, count=4,
+         calls=4, gap_s=0.1, wire_bytes=40_000, latency_s=0.2)
+  with pytest.raises(ValueError, match="no back-to-back probe of all-gather 40000 bytes"):
+    model_check.measured_buckets(str(tmp_path))
+
+
 @pytest.mark.parametrize("kind", ["all-gather", "all-reduce", "all-to-all",
                                   "collective-permute"])
 def test_collective_time_runs_exactly_count_collectives(kind, tmp_path):
@@ -111,10 +143,25 @@ def test_collective_time_runs_exactly_count_collectives(kind, tmp_path):
   assert result == json.loads((tmp_path / "c.json").read_text())
 
 
+def test_collective_time_with_gaps_runs_one_collective_per_call(tmp_path):
+  result = last_json(run("infer.collective_time", "--kind", "all-gather", "--bytes", "4096",
+                         "--count", "3", "--mesh", "2", "--repeats", "2", "--warmup", "0",
+                         "--gap-s", "0.01"))
+  # three calls of a one-collective program; the rate counts all three
+  assert result["hlo_collectives"] == {"all-gather": {"count": 1, "operand_bytes": 4096}}
+  assert result["calls"] == 3 and result["gap_s"] == 0.01
+  assert result["achieved_mbit"] == pytest.approx(
+      3 * 4096 * 8 / result["latency_s"] / 1e6, rel=1e-9)
+  chained = last_json(run("infer.collective_time", "--kind", "all-gather", "--bytes", "4096",
+                          "--count", "3", "--mesh", "2", "--repeats", "1"))
+  assert chained["calls"] == 1 and chained["gap_s"] == 0.0
+
+
 def test_collective_time_bad_input():
   assert_clean_errors([
       (("infer.collective_time", "--kind", "broadcast"), "invalid choice"),
       (("infer.collective_time", "--mesh", "1"), "must be >= 2"),
+      (("infer.collective_time", "--gap-s", "-1"), "must be in [0, inf)"),
       (("infer.bench", "--tiny", "--link-efficiency", "all-gather=1.5"), "KIND=E"),
       (("infer.bench", "--tiny", "--link-efficiency", "send=0.5"), "unknown collective"),
   ])
@@ -161,3 +208,12 @@ def test_bucket_option_is_checked_by_the_parser():
   with pytest.raises(SystemExit):
     model_check.parse(["--bucket", "deep"])
   assert model_check.parse([]).bucket == "tbf"
+
+
+def test_model_check_measured_bucket_without_gap_probes(tmp_path):
+  # the repository's testbed files, no idle-gap probe in the folder named
+  assert_clean_errors([
+      (("infer.model_check", "--bucket", "measured", "--gap-probes", str(tmp_path),
+        "--out", str(tmp_path / "m")), "Mbit/s for --bucket measured: run the commands"),
+  ])
+  assert not list(tmp_path.iterdir())  # nothing written
