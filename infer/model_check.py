@@ -333,16 +333,16 @@ def join(bench_rows: list[dict], runs: list[dict],
   return sorted(rows, key=lambda r: (r["model"], r["rate_mbit"] or 0, r["exchange"]))
 
 
-def bucket_bytes(bucket: str, rate: float, measured: dict[float, int] | None = None) -> int:
+def bucket_bytes(bucket: str, rate: float, gap_buckets: dict[float, int] | None = None) -> int:
   """The token bucket the calibrated model credits at ``rate`` Mbit/s."""
   from astra_jax.netsim import netns
   if bucket not in BUCKETS:
     raise ValueError(f"unknown bucket {bucket!r}; choose one of {list(BUCKETS)}")
   if bucket == "measured":
-    if rate not in (measured or {}):
+    if rate not in (gap_buckets or {}):
       raise ValueError(f"no idle-gap probe at {rate:g} Mbit/s for --bucket measured: run "
                        "the commands in results/testbed_gap/COMMANDS.md at that rate")
-    return measured[rate]
+    return gap_buckets[rate]
   return netns.burst_bytes(rate) if bucket == "tbf" else 0
 
 
@@ -352,7 +352,7 @@ def _size(nbytes: int) -> str:
 
 def markdown(rows: list[dict],
              probes: dict[float, dict[tuple[str, int], float]] | None = None,
-             bucket: str = "tbf", measured: dict[float, int] | None = None) -> str:
+             bucket: str = "tbf", gap_buckets: dict[float, int] | None = None) -> str:
   calibrated = any("calibrated_s" in r for r in rows)
   head = ["model", "tokens", "devices", "link Mbit/s", "exchange", "measured s (median)",
           "model s", "model error"] + (["calibrated model s", "calibrated error"]
@@ -367,13 +367,13 @@ def markdown(rows: list[dict],
           if "calibrated_s" in r else ["-", "-"]
     lines.append("| " + " | ".join(cells) + " |")
   for rate, kinds in sorted((probes or {}).items()):
-    if bucket == "measured" and rate not in (measured or {}):
+    if bucket == "measured" and rate not in (gap_buckets or {}):
       tail = "; no bucket measured at this rate."
     elif bucket == "none":
       tail = "; no bucket credited."
     else:
       what = "tbf bucket" if bucket == "tbf" else "bucket measured after idle gaps"
-      tail = f"; {what} {bucket_bytes(bucket, rate, measured)} bytes."
+      tail = f"; {what} {bucket_bytes(bucket, rate, gap_buckets)} bytes."
     lines.append("")
     lines.append(f"Link efficiency at {rate:g} Mbit/s (infer.collective_time, measured, per "
                  "message size): " + ", ".join(f"{k} {_size(n)} {v:.0%}"
@@ -393,9 +393,9 @@ def main(argv=None):
     cli.fail(f"no testbed results in {args.testbed}: run python -m infer.testbed first")
   probes = efficiencies(args.testbed)
   try:
-    measured = (measured_buckets(args.gap_probes or args.testbed)
-                if args.bucket == "measured" else None)
-    rows = join(json.load(open(args.bench))["rows"], runs, probes, args.bucket, measured)
+    gap_buckets = (measured_buckets(args.gap_probes or args.testbed)
+                   if args.bucket == "measured" else None)
+    rows = join(json.load(open(args.bench))["rows"], runs, probes, args.bucket, gap_buckets)
   except ValueError as e:
     cli.fail(str(e))
   if not rows:
@@ -404,14 +404,14 @@ def main(argv=None):
   with open(args.out + ".json", "w") as f:
     json.dump({"command": "python -m infer.model_check " + " ".join(sys.argv[1:]),
                "bucket": args.bucket,
-               **({"measured_bucket_bytes": {f"{r:g}": b for r, b in measured.items()}}
-                  if measured else {}),
+               **({"measured_bucket_bytes": {f"{r:g}": b for r, b in gap_buckets.items()}}
+                  if gap_buckets else {}),
                "link_efficiency": {f"{r:g}": {f"{k} {n}": v for (k, n), v in kinds.items()}
                                    for r, kinds in probes.items()},
                "rows": rows}, f, indent=2)
   with open(args.out + ".md", "w") as f:
-    f.write(markdown(rows, probes, args.bucket, measured) + "\n")
-  print(markdown(rows, probes, args.bucket, measured))
+    f.write(markdown(rows, probes, args.bucket, gap_buckets) + "\n")
+  print(markdown(rows, probes, args.bucket, gap_buckets))
   cli.print_result({"rows": len(rows), "out": args.out})
 
 
