@@ -12,7 +12,8 @@ K=1024, with and without noise augmentation, k-means only without
 fine-tuning, and per-task extras) and evaluates each (the train CLI ends with
 the same evaluation as the infer CLI: held-out split, bytes per device from
 the compiled program).  Then the G=32 run is evaluated with 1/5/10% of the
-non-local codes lost on the link (``--drop-rate``), and the exact run under
+non-local codes lost on the link (``--drop-rate``; for ``smollm2`` also the
+no-noise G=32 run at 10%, ``vq_g32_nonoise_loss10``), and the exact run under
 the other systems at the same device count: ring attention, tensor
 parallelism, Flash Communication INT8/INT4, and SPD with the drop set
 ``python -m infer.spd`` picks (zero-shot and after block-wise distillation).
@@ -69,8 +70,9 @@ class Task:
   variants: list  # (name, label, train flags, fine-tune?)
   results: str  # default results JSON
   columns: list = ()  # extra (header, key) columns
-  # simulated link loss: the G=32 run evaluated with these fractions of codes lost
-  loss_rates: tuple = (0.01, 0.05, 0.1)
+  # simulated link loss: a fine-tuned G=32 run (variant name) evaluated with these
+  # fractions of its non-local codes lost; rows named NAME_lossPERCENT
+  loss_rows: tuple = (("vq_g32", (0.01, 0.05, 0.1)),)
   default_steps: int = 200
   model: str | None = None  # a pretrained model (infer --model, train --init-from) instead
   # of an exact run trained first
@@ -139,7 +141,9 @@ SMOLLM2 = dataclasses.replace(
     # them, so a fine-tuned ASTRA row compares with it, not with the checkpoint
     variants=GPT2.variants[:1] + GPT2.variants[-1:] + GPT2.variants[1:3] + [
         ("vq_g16_kmeans", "ASTRA G=16, k-means only (no fine-tuning)",
-         ["--config.vq.groups=16"], False)] + GPT2.variants[3:6], baselines=())
+         ["--config.vq.groups=16"], False)] + GPT2.variants[3:6], baselines=(),
+    # does training with noise buy robustness to lost codes? the no-noise run at 10%
+    loss_rows=GPT2.loss_rows + (("vq_g32_nonoise", (0.1,)),))
 
 # greedy continuations, exact vs ASTRA G=32 at the mesh, of a pretrained model
 PROMPTS = ("The capital of France is", "To be, or not to be, that is",
@@ -182,7 +186,7 @@ def parse(argv):
     args.finetune_steps = TASKS[args.task].default_steps
   if args.only is not None:
     task = TASKS[args.task]
-    names = [v[0] for v in task.variants] + [loss_name(r) for r in task.loss_rates] + \
+    names = [v[0] for v in task.variants] + loss_names(task) + \
         [b[0] for b in task.baselines] + (["continuations"] if task.model else list(SPD_ROWS))
     unknown = set(args.only) - set(names)
     if unknown:
@@ -195,7 +199,7 @@ def parse(argv):
   if suffix(args) and args.only is None:  # another K: its ASTRA rows, kept beside the rest
     task = TASKS[args.task]
     args.only = [v[0] for v in task.variants if "--config.exchange=exact" not in v[2]] + \
-        [loss_name(r) for r in task.loss_rates]
+        loss_names(task)
   return args
 
 
@@ -285,8 +289,12 @@ def _received(row: dict) -> str:
   return "-" if value is None else f"{value:,}"
 
 
-def loss_name(rate: float) -> str:
-  return f"vq_g32_loss{rate * 100:g}"
+def loss_name(rate: float, run: str = "vq_g32") -> str:
+  return f"{run}_loss{rate * 100:g}"
+
+
+def loss_names(task: Task) -> list[str]:
+  return [loss_name(rate, run) for run, rates in task.loss_rows for rate in rates]
 
 
 def main(argv=None):
@@ -307,7 +315,7 @@ def main(argv=None):
     _run(task.train, mesh, f"--workdir={exact_dir}", *data, *args.extra)
     start, source, windows_cfg = [f"--workdir={exact_dir}"], [f"--init-from={exact_dir}"], []
   # with --only, rows of the other variants are kept from the previous results file
-  vq_names = {v[0] for v in task.variants} | {loss_name(r) for r in task.loss_rates}
+  vq_names = {v[0] for v in task.variants} | set(loss_names(task))
   baselines = () if args.keep_baselines else BASELINE_ROWS  # evaluated again below
   fresh = {*baselines, *(n + sfx if n in vq_names else n for n in (args.only or ()))}
   if fresh & set(SPD_ROWS):  # one infer.spd run makes both SPD rows
@@ -341,28 +349,33 @@ def main(argv=None):
                   *(size if vq_row else []), *windows_cfg, *data, *args.extra)
     rows.append(dict(result, **row))
     write(args, task, rows, kept)  # after every row, so a long run leaves a usable table
+  def finished(run):  # a run counts as fine-tuned once its row is in the table (a
+    # killed run's folder may hold a checkpoint of its first steps only)
+    return os.path.isdir(os.path.join(args.root, run + sfx)) and \
+        any(r["name"] == run + sfx for r in rows + kept)
+
   g32 = os.path.join(args.root, "vq_g32" + sfx)
-  # a G=32 run counts as fine-tuned once its row is in the table (a killed run's
-  # folder may hold a checkpoint of its first steps only)
-  finetuned = os.path.isdir(g32) and any(r["name"] == "vq_g32" + sfx for r in rows + kept)
-  for rate in task.loss_rates:
-    name = loss_name(rate)
-    if args.only is not None and name not in args.only:
-      continue
-    if finetuned:
-      result = _run(*task.infer, f"--workdir={g32}", mesh, f"--drop-rate={rate}", *data,
-                    *windows)
-      label = f"ASTRA G=32{size_label}, {rate:.0%} of codes lost"
-    elif task.model:
-      result = _run(*evaluate, mesh, f"--exchange=vq:groups=32{size_spec}",
-                    f"--drop-rate={rate}")
-      label = f"ASTRA G=32{size_label} zero-shot (k-means only), {rate:.0%} of codes lost"
-    else:
-      print(f"skipping {name}: no finished ASTRA G=32 run ({g32} with its row in "
-            f"{args.results}; run --only vq_g32 first)", flush=True)
-      continue
-    rows.append(dict(result, name=name + sfx, label=label, finetuned=finetuned))
-    write(args, task, rows, kept)
+  finetuned = finished("vq_g32")
+  labels = {v[0]: v[1] for v in task.variants}
+  for run, rates in task.loss_rows:
+    for rate in rates:
+      name = loss_name(rate, run)
+      if args.only is not None and name not in args.only:
+        continue
+      if finished(run):
+        result = _run(*task.infer, f"--workdir={os.path.join(args.root, run + sfx)}", mesh,
+                      f"--drop-rate={rate}", *data, *windows)
+        label = f"{labels[run]}{size_label}, {rate:.0%} of codes lost"
+      elif task.model and run == "vq_g32":  # noise is training-only: zero-shot is one model
+        result = _run(*evaluate, mesh, f"--exchange=vq:groups=32{size_spec}",
+                      f"--drop-rate={rate}")
+        label = f"ASTRA G=32{size_label} zero-shot (k-means only), {rate:.0%} of codes lost"
+      else:
+        print(f"skipping {name}: no finished {run} run ({os.path.join(args.root, run + sfx)} "
+              f"with its row in {args.results}; run --only {run} first)", flush=True)
+        continue
+      rows.append(dict(result, name=name + sfx, label=label, finetuned=finished(run)))
+      write(args, task, rows, kept)
   if task.model and (args.only is None or "continuations" in args.only):
     g32_start = [f"--workdir={g32}"] if finetuned else \
         [*start, f"--exchange=vq:groups=32{size_spec}"]
@@ -429,7 +442,7 @@ def spd_rows(task: Task, picked: dict) -> list[dict]:
 def order(task: Task, rows: list[dict]) -> list[dict]:
   """Rows in the task's canonical order (single device, exact, variants, losses)."""
   names = ["single_device", "exact", *(v[0] for v in task.variants),
-           *(loss_name(r) for r in task.loss_rates), *(b[0] for b in task.baselines),
+           *loss_names(task), *(b[0] for b in task.baselines),
            *SPD_ROWS]
 
   def key(row):  # a row at another codebook size (NAME_kK) right after NAME, by K

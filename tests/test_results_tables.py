@@ -136,3 +136,35 @@ def test_fine_tuned_rows_are_also_compared_with_the_exact_model_fine_tuned_alike
   assert cells["vq_g1_kmeans"] == ["+15.4%", "-"]
   # without an exact_ft row the table keeps its columns
   assert "fine-tuned" not in results.table(results.SMOLLM2, rows[:2]).splitlines()[0]
+
+
+def test_the_no_noise_run_gets_its_own_link_loss_row_once_it_is_finished(tmp_path, monkeypatch,
+                                                                         capsys):
+  calls = []
+
+  def fake_run(*command):
+    calls.append(command)
+    return {"perplexity": 21.0 if "--drop-rate=0.1" in command else 20.0, "bytes_per_device": 5}
+
+  monkeypatch.setattr(results, "_run", fake_run)
+  out, md, root = tmp_path / "r.json", tmp_path / "R.md", tmp_path / "runs"
+  (root / "vq_g32_nonoise" / "checkpoints" / "3").mkdir(parents=True)
+  rows = [_baseline("single_device", 1), _baseline("exact", 4)]
+  out.write_text(json.dumps({"rows": rows}))
+  base = ["smollm2", f"--results={out}", f"--markdown={md}", f"--root={root}",
+          "--eval-windows=2", "--keep-baselines", "--only", "vq_g32_nonoise_loss10"]
+  results.main(base)  # a folder without its row is a killed run: no zero-shot stand-in
+  assert not calls and "skipping vq_g32_nonoise_loss10: no finished vq_g32_nonoise" in \
+      capsys.readouterr().out
+  rows.append({"name": "vq_g32_nonoise", "label": "ASTRA G=32, no noise", "perplexity": 20.0,
+               "bytes_per_device": 5, "steps": 3})
+  out.write_text(json.dumps({"rows": rows}))
+  results.main(base)
+  assert calls == [("infer.llama", "--eval", f"--workdir={root}/vq_g32_nonoise", "--mesh=4",
+                    "--drop-rate=0.1", "--eval-windows=2")]
+  saved = json.loads(out.read_text())["rows"]
+  assert [r["name"] for r in saved] == ["single_device", "exact", "vq_g32_nonoise",
+                                        "vq_g32_nonoise_loss10"]
+  assert saved[-1]["label"] == "ASTRA G=32, no noise, 10% of codes lost" and saved[-1]["finetuned"]
+  assert "vq_g32_nonoise_loss5" not in results.loss_names(results.SMOLLM2)
+  assert "vq_g32_nonoise_loss10" not in results.loss_names(results.GPT2)
