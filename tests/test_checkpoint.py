@@ -1,6 +1,8 @@
 """Checkpointer: round trips of NNX model + optimizer state, retention, errors."""
 
+import asyncio
 import errno
+import gc
 import glob
 import os
 from typing import NamedTuple
@@ -269,7 +271,7 @@ def test_checkpoint_without_checksums_loads_with_a_warning(tmp_path, capfd):
 
 
 def test_failed_background_save_names_its_step_and_leaves_no_temporary_folder(
-    tmp_path, capfd, monkeypatch):
+    tmp_path, capfd, caplog, monkeypatch):
   """Disk full while orbax finishes a save in the background."""
   model, opt = trained()
   state = nnx.state((model, opt))
@@ -293,6 +295,25 @@ def test_failed_background_save_names_its_step_and_leaves_no_temporary_folder(
     monkeypatch.undo()
   assert capfd.readouterr().err == ""  # orbax's own tracebacks are not printed
   assert sorted(os.listdir(tmp_path)) == ["2"]
+  # a writer of that save whose exception nobody awaited is not logged when collected;
+  # one about another directory still is
+  for where in (tmp_path / "4.orbax-checkpoint-tmp" / "d", "/elsewhere"):
+    _unretrieved_failure(OSError(errno.ENOSPC, f"Failed writing {where}"))
+  logged = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+  assert len(logged) == 1 and "never retrieved" in logged[0] and "/elsewhere" in logged[0]
+
+
+def _unretrieved_failure(exc: BaseException) -> None:
+  """A task that fails, is never awaited and is collected (asyncio then logs it)."""
+  async def fail():
+    raise exc
+
+  loop = asyncio.new_event_loop()
+  task = loop.create_task(fail())
+  loop.run_until_complete(asyncio.sleep(0))
+  loop.close()
+  del task
+  gc.collect()
 
 
 def test_different_config_names_key_and_shapes(tmp_path):

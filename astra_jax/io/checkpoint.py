@@ -63,6 +63,30 @@ class _QuietOrbax(logging.Filter):
 
 logging.getLogger("absl").addFilter(_QuietOrbax())
 
+_FAILED_SAVES: set[str] = set()  # directories whose failed save was reported
+
+
+class _ReportedSaveFailure(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for the writers of a
+  save whose failure was already reported as one ``CheckpointError``.
+
+  When a disk fills, every one of orbax's write tasks fails alike; depending
+  on which finish before the first failure stops the save, some are never
+  awaited and asyncio logged each with a traceback when it was collected, at
+  exit, after our one-line error (seen under load on 2026-12-02: thirty of
+  them).  Only records naming a directory in ``_FAILED_SAVES`` are dropped.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if not _FAILED_SAVES or not record.getMessage().startswith(
+        "Task exception was never retrieved"):
+      return True
+    text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+    return not any(directory in text for directory in _FAILED_SAVES)
+
+
+logging.getLogger("asyncio").addFilter(_ReportedSaveFailure())
+
 
 def _run_sync_draining(coro):
   """orbax's ``asyncio_utils._run_sync_via_new_loop``, but a failed coroutine's
@@ -438,12 +462,14 @@ class Checkpointer:
       raise _save_failed(step, self.directory, err) from None
 
   def _discard_partial(self) -> None:
-    """Removes the temporary folders of a failed save (process 0).
+    """Removes the temporary folders of a failed save (process 0) and silences
+    the leftover writers' unretrieved exceptions (``_ReportedSaveFailure``).
 
     orbax stops waiting at the first failed write while its other writer
     threads (one per array item, sharding file, metadata) run on and would
     recreate files in a folder removed now; they end soon, so join them first.
     """
+    _FAILED_SAVES.add(self.directory)
     for thread in threading.enumerate():
       if type(thread).__module__.startswith("orbax.checkpoint._src.futures"):
         thread.join(timeout=60)
