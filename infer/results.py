@@ -22,9 +22,10 @@ instead of the config's 1024 (log2 K bits per group: the knob that trades
 bits per token against the nearest-code search's cost, which grows with K);
 their rows and run folders are then named with ``_k<K>`` (``vq_g32_k256``) and
 sit beside the K=1024 rows in the same table (without ``--only``, every ASTRA
-row runs and the other rows are kept).  Writes
-``results/<task>_<data>.json`` and the table between the task's markers in
-RESULTS.md after every row.  Finished runs in ``--root`` are only re-evaluated
+row runs and the other rows are kept).  Writes ``ROOT/results.json`` and the
+table between the task's markers in ``ROOT/RESULTS.md`` after every row; with
+``--publish`` (the commands written in RESULTS.md) the repo's own
+``results/<task>_<data>.json`` and RESULTS.md instead.  Finished runs in ``--root`` are only re-evaluated
 (the train CLI resumes at their last step); ``--only NAME ...`` runs those rows
 and keeps the others from the previous results file; with ``--keep-baselines``
 it also keeps that file's single-device and exact rows instead of evaluating
@@ -175,13 +176,19 @@ def parse(argv):
   p.add_argument("--codebook-size", type=cli.at_least(2), default=None, metavar="K",
                  help="entries per codebook of every ASTRA row (a power of two; default the "
                       "config's, 1024); rows are then named NAME_kK")
-  p.add_argument("--results", default=None, help="results JSON (default: the task's file)")
-  p.add_argument("--markdown", default="RESULTS.md")
+  p.add_argument("--publish", action="store_true",
+                 help="write the repo's own results: the task's file in results/ and its "
+                      "table in RESULTS.md (default: ROOT/results.json and ROOT/RESULTS.md)")
+  p.add_argument("--results", default=None, help="results JSON (overrides the above)")
+  p.add_argument("--markdown", default=None, help="markdown file for the table (likewise)")
   p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                  help="further --config.* overrides for every run (e.g. a tiny test config)")
   args = p.parse_args(argv)
   args.root = args.root or f"workdir/{args.task}_results"
-  args.results = args.results or TASKS[args.task].results
+  args.results = args.results or (TASKS[args.task].results if args.publish
+                                  else os.path.join(args.root, "results.json"))
+  args.markdown = args.markdown or ("RESULTS.md" if args.publish
+                                    else os.path.join(args.root, "RESULTS.md"))
   if args.finetune_steps is None:
     args.finetune_steps = TASKS[args.task].default_steps
   if args.only is not None:

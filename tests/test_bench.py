@@ -1,16 +1,16 @@
-"""python -m infer.bench end to end: tiny matrix, measured compute, paper point, bad input."""
+"""python -m infer.lab.bench end to end: tiny matrix, measured compute, paper point, bad input."""
 
 import json
 
 import pytest
 
-from infer import bench
+from infer.lab import bench
 from tests.cli_helpers import assert_clean_errors, last_json, run
 
 
 def test_tiny_bench_writes_json_markdown_and_plots(tmp_path):
   out = tmp_path / "bench"
-  result = last_json(run("infer.bench", "--tiny", "--out", str(out), "--trace", "0:10,0.005:1000",
+  result = last_json(run("infer.lab.bench", "--tiny", "--out", str(out), "--trace", "0:10,0.005:1000",
                          timeout=300))
   data = json.loads((out / "bench.json").read_text())
   rows = data["rows"]
@@ -27,7 +27,7 @@ def test_tiny_bench_writes_json_markdown_and_plots(tmp_path):
   assert g32["bytes_per_device"] == 4 * 2 * 64 * 40  # layers x (K, V) x T/P x 40 bytes
   assert {r["bandwidth"] for r in rows} == {"10", "1000", "trace:0:10,0.005:1000"}
   md = (out / "bench.md").read_text()
-  assert "python -m infer.bench --tiny" in md and "| gpt2-micro | 4 | vq:groups=32 |" in md
+  assert "python -m infer.lab.bench --tiny" in md and "| gpt2-micro | 4 | vq:groups=32 |" in md
   pngs = sorted(p.name for p in out.glob("*.png"))
   assert pngs == ["latency_vs_bandwidth_gtx1660ti.png", "speedup_vs_devices_gtx1660ti.png"]
   assert all((out / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
@@ -63,7 +63,7 @@ def test_measured_compute_and_paper_comparison(tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--models", "vit-z"], "unknown model"),
     (["--profiles", "tpu"], "unknown device profile"),
-    (["--profiles", "host", "--host-profile", "/nonexistent.json"], "infer.profile_host"),
+    (["--profiles", "host", "--host-profile", "/nonexistent.json"], "infer.lab.profile_host"),
     (["--tiny", "--bandwidths", "0"], "argument --bandwidths: must be in (0, inf), got 0"),
     (["--tiny", "--topology", "ring"], "unknown topology"),
     (["--tiny", "--trace", "0-10"], "SECONDS:MBITS"),
@@ -80,7 +80,7 @@ def test_bad_input_is_one_clear_line(argv, message, tmp_path, capsys):
 
 
 def test_bad_input_exits_2_without_traceback():
-  assert_clean_errors([(("infer.bench", "--models", "vit-z"), "unknown model")])
+  assert_clean_errors([(("infer.lab.bench", "--models", "vit-z"), "unknown model")])
 
 
 def test_tensor_parallel_strategies_in_the_bench(tmp_path):

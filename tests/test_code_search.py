@@ -1,4 +1,4 @@
-"""python -m infer.code_search: runs, reports both searches, refuses bad rows (no timing asserted)."""
+"""python -m infer.lab.code_search: runs, reports both searches, refuses bad rows (no timing asserted)."""
 
 import json
 
@@ -7,7 +7,7 @@ from cli_helpers import assert_one_line_error, last_json, run
 
 def test_code_search_reports_both_searches(tmp_path):
   out = tmp_path / "rows.json"
-  proc = run("infer.code_search", "--rows", "64/32/4/64", "128/48/1/256", "--repeats", "1",
+  proc = run("infer.lab.code_search", "--rows", "64/32/4/64", "128/48/1/256", "--repeats", "1",
              "--out", str(out))
   result = last_json(proc)
   assert json.loads(out.read_text()) == result
@@ -20,7 +20,7 @@ def test_code_search_reports_both_searches(tmp_path):
 
 
 def test_code_search_refuses_bad_rows():
-  assert_one_line_error(run("infer.code_search", "--rows", "768/256/7/1024"), 2,
+  assert_one_line_error(run("infer.lab.code_search", "--rows", "768/256/7/1024"), 2,
                         "GROUPS dividing WIDTH")
-  assert_one_line_error(run("infer.code_search", "--rows", "768x256"), 2,
+  assert_one_line_error(run("infer.lab.code_search", "--rows", "768x256"), 2,
                         "WIDTH/TOKENS/GROUPS/ENTRIES")

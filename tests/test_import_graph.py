@@ -135,7 +135,8 @@ def test_command_line_modules_import_no_jax():
   being imported: XLA:CPU fixes it when jax starts, so a CLI module that
   imports jax at module level makes ``--mesh=4`` find one device."""
   root = pathlib.Path(__file__).resolve().parents[1]
-  modules = sorted(f"{folder}.{p.stem}" for folder in ("infer", "train")
+  modules = sorted(".".join(p.relative_to(root).with_suffix("").parts)
+                   for folder in ("infer", "infer/lab", "train")
                    for p in (root / folder).glob("*.py") if p.stem != "__init__")
   probe = ("import importlib, sys\n"
            f"for name in {modules!r}:\n"

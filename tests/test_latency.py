@@ -177,7 +177,7 @@ def test_device_profiles(tmp_path):
     assert p.precision == "fp32" and len(p.source) > 40
   assert devices.get("gtx1660ti").peak_flops == pytest.approx(5.437e12, rel=1e-3)
   path = tmp_path / "host.json"
-  with pytest.raises(ValueError, match="python -m infer.profile_host"):
+  with pytest.raises(ValueError, match="python -m infer.lab.profile_host"):
     devices.get("host", str(path))
   path.write_text("{}")
   with pytest.raises(ValueError, match="not a host profile"):

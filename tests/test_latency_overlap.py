@@ -6,7 +6,7 @@ import pytest
 
 from astra_jax.core import exchange as ex
 from astra_jax.netsim import flops, latency
-from infer import bench
+from infer.lab import bench
 
 SMALL = flops.LayerShape(tokens=8, width=4, heads=2, mlp=8)
 LAYER = [latency.Transfer("all-gather", 2, 1000)]

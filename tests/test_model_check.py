@@ -1,4 +1,4 @@
-"""Calibrating the latency model: collectives timed alone (infer.collective_time),
+"""Calibrating the latency model: collectives timed alone (infer.lab.collective_time),
 per-kind link efficiencies in the bench, and model_check's calibrated columns."""
 
 import json
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from infer import bench, model_check
+from infer.lab import bench, model_check
 from tests.cli_helpers import assert_clean_errors, last_json, run
 from tests.test_testbed import needs_netns
 
@@ -65,7 +65,7 @@ def test_join_adds_calibrated_columns(bench_rows):
   assert "calibrated_s" not in rows["tp"]
   md = model_check.markdown(list(rows.values()), probes)
   assert "| calibrated model s | calibrated error |" in md
-  assert (f"Link efficiency at 10 Mbit/s (infer.collective_time, measured, per message size): "
+  assert (f"Link efficiency at 10 Mbit/s (infer.lab.collective_time, measured, per message size): "
           f"all-gather {nbytes // count / 1024:g} KiB 50%; tbf bucket 16384 bytes.") in md
 
 
@@ -131,7 +131,7 @@ def test_measured_buckets_need_the_back_to_back_probe(tmp_path):
 @pytest.mark.parametrize("kind", ["all-gather", "all-reduce", "all-to-all",
                                   "collective-permute"])
 def test_collective_time_runs_exactly_count_collectives(kind, tmp_path):
-  result = last_json(run("infer.collective_time", "--kind", kind, "--bytes", "4096",
+  result = last_json(run("infer.lab.collective_time", "--kind", kind, "--bytes", "4096",
                          "--count", "3", "--mesh", "4", "--repeats", "2",
                          "--out", str(tmp_path / "c.json")))
   assert result["hlo_collectives"] == {kind: {"count": 3, "operand_bytes": 3 * 4096}}
@@ -144,7 +144,7 @@ def test_collective_time_runs_exactly_count_collectives(kind, tmp_path):
 
 
 def test_collective_time_with_gaps_runs_one_collective_per_call(tmp_path):
-  result = last_json(run("infer.collective_time", "--kind", "all-gather", "--bytes", "4096",
+  result = last_json(run("infer.lab.collective_time", "--kind", "all-gather", "--bytes", "4096",
                          "--count", "3", "--mesh", "2", "--repeats", "2", "--warmup", "0",
                          "--gap-s", "0.01"))
   # three calls of a one-collective program; the rate counts all three
@@ -152,18 +152,18 @@ def test_collective_time_with_gaps_runs_one_collective_per_call(tmp_path):
   assert result["calls"] == 3 and result["gap_s"] == 0.01
   assert result["achieved_mbit"] == pytest.approx(
       3 * 4096 * 8 / result["latency_s"] / 1e6, rel=1e-9)
-  chained = last_json(run("infer.collective_time", "--kind", "all-gather", "--bytes", "4096",
+  chained = last_json(run("infer.lab.collective_time", "--kind", "all-gather", "--bytes", "4096",
                           "--count", "3", "--mesh", "2", "--repeats", "1"))
   assert chained["calls"] == 1 and chained["gap_s"] == 0.0
 
 
 def test_collective_time_bad_input():
   assert_clean_errors([
-      (("infer.collective_time", "--kind", "broadcast"), "invalid choice"),
-      (("infer.collective_time", "--mesh", "1"), "must be >= 2"),
-      (("infer.collective_time", "--gap-s", "-1"), "must be in [0, inf)"),
-      (("infer.bench", "--tiny", "--link-efficiency", "all-gather=1.5"), "KIND=E"),
-      (("infer.bench", "--tiny", "--link-efficiency", "send=0.5"), "unknown collective"),
+      (("infer.lab.collective_time", "--kind", "broadcast"), "invalid choice"),
+      (("infer.lab.collective_time", "--mesh", "1"), "must be >= 2"),
+      (("infer.lab.collective_time", "--gap-s", "-1"), "must be in [0, inf)"),
+      (("infer.lab.bench", "--tiny", "--link-efficiency", "all-gather=1.5"), "KIND=E"),
+      (("infer.lab.bench", "--tiny", "--link-efficiency", "send=0.5"), "unknown collective"),
   ])
 
 
@@ -171,8 +171,8 @@ def test_collective_time_bad_input():
 def test_collective_time_over_a_shaped_link(tmp_path):
   rate = 10
   proc = subprocess.run(
-      [sys.executable, "-m", "infer.testbed", "--procs=2", f"--rate={rate}", "--probe-mb=0",
-       f"--out={tmp_path}/c.json", "--", "infer.collective_time", "--kind=all-gather",
+      [sys.executable, "-m", "infer.lab.testbed", "--procs=2", f"--rate={rate}", "--probe-mb=0",
+       f"--out={tmp_path}/c.json", "--", "infer.lab.collective_time", "--kind=all-gather",
        "--bytes=131072", "--count=2", "--mesh=2", "--repeats=2"],
       capture_output=True, text=True, timeout=180, env=dict(os.environ, PYTHONUNBUFFERED="1"))
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -213,7 +213,7 @@ def test_bucket_option_is_checked_by_the_parser():
 def test_model_check_measured_bucket_without_gap_probes(tmp_path):
   # the repository's testbed files, no idle-gap probe in the folder named
   assert_clean_errors([
-      (("infer.model_check", "--bucket", "measured", "--gap-probes", str(tmp_path),
+      (("infer.lab.model_check", "--bucket", "measured", "--gap-probes", str(tmp_path),
         "--out", str(tmp_path / "m")), "Mbit/s for --bucket measured: run the commands"),
   ])
   assert not list(tmp_path.iterdir())  # nothing written

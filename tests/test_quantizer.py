@@ -155,7 +155,7 @@ def test_bad_config(dim, groups, size, match):
 # --- the fast search (encode) against its definition (encode_reference) ---------------------
 #
 # Bit-for-bit: same codes wherever the reference's own rounding decides, ties to the lowest
-# index, NaN like argmin.  No timing here (python -m infer.code_search measures).
+# index, NaN like argmin.  No timing here (python -m infer.lab.code_search measures).
 
 
 def _codes_equal(x, entries):

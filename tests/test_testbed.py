@@ -37,7 +37,7 @@ def test_not_root_is_a_clear_error(monkeypatch, capsys):
   with pytest.raises(netns.TestbedError, match="needs root: .*run as root or with sudo"):
     netns.check_root(euid=1000)
   netns.check_root(euid=0)
-  from infer import testbed
+  from infer.lab import testbed
   monkeypatch.setattr(os, "geteuid", lambda: 1000)
   with pytest.raises(SystemExit) as e:
     testbed.main(["--procs=2", "--rate=10"])
@@ -70,8 +70,8 @@ def test_two_ranks_over_shaped_links(tmp_path):
   rate = 10  # a rate the Python probe saturates even on a loaded 2-core machine (at 50 it
   #           measured 17 Mbit/s once while other jobs held both cores)
   proc = subprocess.Popen(
-      [sys.executable, "-m", "infer.testbed", "--procs=2", f"--rate={rate}", "--probe-mb=2",
-       f"--out={tmp_path}/tb.json", "--", "infer.prefill_time", "--model=gpt2:nano",
+      [sys.executable, "-m", "infer.lab.testbed", "--procs=2", f"--rate={rate}", "--probe-mb=2",
+       f"--out={tmp_path}/tb.json", "--", "infer.lab.prefill_time", "--model=gpt2:nano",
        "--tokens=64", "--mesh=2", "--repeats=2"],
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
       env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -91,8 +91,8 @@ def test_two_ranks_over_shaped_links(tmp_path):
 @needs_netns
 def test_interrupt_removes_everything():
   proc = subprocess.Popen(
-      [sys.executable, "-m", "infer.testbed", "--procs=2", "--rate=50", "--probe-mb=0.5",
-       "--grace=2", "--", "infer.prefill_time", "--model=gpt2:nano", "--tokens=64", "--mesh=2",
+      [sys.executable, "-m", "infer.lab.testbed", "--procs=2", "--rate=50", "--probe-mb=0.5",
+       "--grace=2", "--", "infer.lab.prefill_time", "--model=gpt2:nano", "--tokens=64", "--mesh=2",
        "--repeats=1000000"],
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
       env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -124,7 +124,7 @@ def test_cleanup_removes_a_crashed_testbed():
       capture_output=True, text=True, timeout=60)
   owner = int(crashed.stdout.split()[0])
   assert len(_owned_by(owner)["namespaces"]) == 2  # left behind, its owner is dead
-  result = last_json(run("infer.testbed", "--cleanup"))
+  result = last_json(run("infer.lab.testbed", "--cleanup"))
   assert sorted(result["removed"]["namespaces"]) == [f"astra{owner}-0", f"astra{owner}-1"]
   assert _owned_by(owner) == {"namespaces": [], "links": []}
   assert not os.path.exists(os.path.join(netns.ETC_NETNS, f"astra{owner}-0"))

@@ -5,7 +5,7 @@ traffic is measured for), at the vendor's boost/maximum clock, from the
 source named in the profile.  Peaks are what the hardware could do, not what
 a framework reaches: the roofline with efficiency 1 is a lower bound on
 compute time.  ``host`` is this machine, measured by
-``python -m infer.profile_host`` (matmul FLOP/s and copy bandwidth actually
+``python -m infer.lab.profile_host`` (matmul FLOP/s and copy bandwidth actually
 reached), read from ``results/host_profile.json``.
 """
 
@@ -65,10 +65,10 @@ def names() -> list[str]:
 
 
 def load_host(path: str = HOST_FILE) -> DeviceProfile:
-  """The ``host`` profile measured by ``python -m infer.profile_host``."""
+  """The ``host`` profile measured by ``python -m infer.lab.profile_host``."""
   if not os.path.exists(path):
     raise ValueError(f"no host profile at {path}; measure this machine first: "
-                     f"python -m infer.profile_host --out {path}")
+                     f"python -m infer.lab.profile_host --out {path}")
   try:
     with open(path) as f:
       d = json.load(f)
@@ -76,7 +76,7 @@ def load_host(path: str = HOST_FILE) -> DeviceProfile:
                          float(d["mem_bandwidth"]), d["source"])
   except (json.JSONDecodeError, KeyError, TypeError, ValueError):
     raise ValueError(f"{path} is not a host profile; rewrite it with "
-                     f"python -m infer.profile_host --out {path}") from None
+                     f"python -m infer.lab.profile_host --out {path}") from None
 
 
 def get(name: str, host_file: str = HOST_FILE) -> DeviceProfile:

@@ -28,8 +28,8 @@ bandwidth, plus a fixed per-message latency alpha for each collective op:
 
 where e(c), the link efficiency of the collective's kind, is 1 unless given
 (``Network.link_efficiency``): TCP collectives on a real link reach only part
-of its rate, and ``infer.model_check`` measures that part per kind with
-``infer.collective_time`` on the shaped testbed.
+of its rate, and ``infer.lab.model_check`` measures that part per kind with
+``infer.lab.collective_time`` on the shaped testbed.
 
 A link may also have a token bucket in front of it (Linux ``tbf``, the
 testbed's shaper; ``Network.burst_bytes`` = its depth b): while the link is
@@ -207,7 +207,7 @@ class Network:
   topology: str = DEFAULT_TOPOLOGY
   message_latency_s: float = DEFAULT_MESSAGE_LATENCY_S
   # (collective kind, fraction of the bandwidth it reaches), e.g. measured on a
-  # real link by ``infer.collective_time``; kinds not listed reach all of it
+  # real link by ``infer.lab.collective_time``; kinds not listed reach all of it
   link_efficiency: tuple[tuple[str, float], ...] = ()
   # depth in bytes of a token bucket in front of each link (tbf); 0: none
   burst_bytes: float = 0.0

@@ -78,7 +78,7 @@ def check_root(euid: int | None = None) -> None:
   if euid != 0:
     raise TestbedError("needs root: network namespaces, veth links and tc qdiscs can only be "
                        "made by root; run as root or with sudo (e.g. sudo -E "
-                       f"{os.path.basename(sys.executable)} -m infer.testbed ...)")
+                       f"{os.path.basename(sys.executable)} -m infer.lab.testbed ...)")
 
 
 def check_tools(which=shutil.which) -> None:
@@ -311,7 +311,7 @@ class Testbed:
         time.sleep(0.1)
       else:
         print(f"warning: testbed leftovers {left}; remove them with "
-              "`python -m infer.testbed --cleanup`", file=sys.stderr)
+              "`python -m infer.lab.testbed --cleanup`", file=sys.stderr)
       self.active = False
     finally:
       for sig, handler in ignored.items():

@@ -7,7 +7,7 @@ The sender times from connect until the receiver acknowledges the last byte
 (it replies with the count it got), so the figure is payload bits over wall
 time, headers and the link's queueing included: what a collective sees.
 :func:`measure` runs both ends under command prefixes, e.g. ``ip netns exec
-NS``, which is how ``infer.testbed`` shows that its shaping holds.
+NS``, which is how ``infer.lab.testbed`` shows that its shaping holds.
 """
 
 from __future__ import annotations

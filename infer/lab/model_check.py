@@ -1,7 +1,7 @@
 """Latency model vs the bandwidth-shaped testbed: predicted and measured side by side.
 
-  python -m infer.model_check --measure   # (root) every measurement below, back to back
-  python -m infer.model_check             # only join existing results
+  python -m infer.lab.model_check --measure   # (root) every measurement below, back to back
+  python -m infer.lab.model_check             # only join existing results
 
 ``--measure`` runs, one after the other so they see the same machine: the
 testbed (2 ranks, one core each) for each strategy and link rate (exact and
@@ -9,7 +9,7 @@ ring sequence parallelism, ASTRA G=32 and G=1, tensor parallelism, SPD
 dropping every block's attention all-reduce, Flash Communication INT4), the
 single-device baseline on one core, and
 
-  taskset -c 0 python -m infer.bench --models gpt2-mini --mesh 2 --bandwidths 10 100 \\
+  taskset -c 0 python -m infer.lab.bench --models gpt2-mini --mesh 2 --bandwidths 10 100 \\
       --strategies exact vq:groups=32 vq:groups=1 ring tp spd:drop=all \\
       flash:bits=4,group_size=128 --profiles measured --out results/bench_testbed
 
@@ -24,7 +24,7 @@ rate, and how much of it it reaches depends on its kind and on its message
 size: on this testbed at 10 Mbit/s a 1 MiB all-gather gets about 60% (a burst
 that overflows tbf's queue loses packets and TCP backs off), a 40 KB one about
 90%.  So the calibration times every (kind, message size) that a measured
-row's program uses, alone on the same shaped links (``infer.collective_time``,
+row's program uses, alone on the same shaped links (``infer.lab.collective_time``,
 no model around it; the per-message latency alpha the model adds is taken
 out of the probe's time), and recomputes each row with its own kinds'
 measured fractions of the rate (``Network.link_efficiency``) and with the
@@ -38,14 +38,14 @@ exchange at the measured rate), to read how much of a row's calibrated time
 the bucket's refill during compute takes off (``--out`` elsewhere keeps the
 default files):
 
-  python -m infer.model_check --bucket none --out results/testbed/model_check_no_bucket
+  python -m infer.lab.model_check --bucket none --out results/testbed/model_check_no_bucket
 
 and ``--bucket measured`` credits the bucket that idle-gap probes measured
-(``infer.collective_time --gap-s``: the same collective after a compute-long
+(``infer.lab.collective_time --gap-s``: the same collective after a compute-long
 pause, set against it back to back; ``measured_buckets``), read from
 ``--gap-probes`` (commands in ``results/testbed_gap/COMMANDS.md``):
 
-  python -m infer.model_check --bucket measured --gap-probes results/testbed_gap \\
+  python -m infer.lab.model_check --bucket measured --gap-probes results/testbed_gap \\
       --out results/testbed/model_check_gap_bucket
 
 Parts of ``--measure`` can be run alone (``--measure bench probes``): the
@@ -60,13 +60,19 @@ import os
 import sys
 
 from astra_jax.run import cli
+from infer import lab
 
 
 def parse(argv):
   p = cli.Parser(description=__doc__.split("\n")[0])
-  p.add_argument("--bench", default="results/bench_testbed/bench.json")
-  p.add_argument("--testbed", default="results/testbed")
-  p.add_argument("--out", default="results/testbed/model_check")
+  p.add_argument("--bench", default=None,
+                 help="bench rows (default: the committed results/bench_testbed/bench.json; "
+                      f"with --measure, {os.path.join(lab.OUT, 'bench_testbed', 'bench.json')})")
+  p.add_argument("--testbed", default=None,
+                 help="testbed measurements (default: the committed results/testbed; with "
+                      f"--measure, {os.path.join(lab.OUT, 'testbed')})")
+  p.add_argument("--out", default=os.path.join(lab.OUT, "model_check"),
+                 help="writes OUT.json and OUT.md (default %(default)s)")
   p.add_argument("--measure", nargs="*", choices=PARTS, default=None,
                  help="run these measurements first (no value: all of them, in this order)")
   p.add_argument("--rates", nargs="+", type=cli.positive, default=[10, 100])
@@ -84,6 +90,10 @@ def parse(argv):
   args = p.parse_args(argv)
   if args.measure == []:
     args.measure = list(PARTS)
+  # joining reads the committed measurements; measuring writes under lab.OUT unless told
+  root = lab.OUT if args.measure else "results"
+  args.bench = args.bench or os.path.join(root, "bench_testbed", "bench.json")
+  args.testbed = args.testbed or os.path.join(root, "testbed")
   return args
 
 
@@ -135,17 +145,17 @@ def measure(args) -> None:
   py = [sys.executable, "-m"]
   if "testbed" in args.measure:
     for model in args.models:
-      probe = ["infer.prefill_time", "--model", model, "--tokens", "1024",
+      probe = ["infer.lab.prefill_time", "--model", model, "--tokens", "1024",
                f"--repeats={args.repeats}", *MODEL_FLAGS.get(model, [])]
       base = os.path.join(args.testbed, f"{model.replace(':', '-')}_1024")
       run(["taskset", "-c", "0", *py, *probe, "--mesh", "1", "--out", f"{base}_single.json"])
       for rate in args.rates:
         for name in MODELS[model]:
-          run([*py, "infer.testbed", "--procs", "2", f"--rate={rate:g}", "--cores-per-proc",
+          run([*py, "infer.lab.testbed", "--procs", "2", f"--rate={rate:g}", "--cores-per-proc",
                "1", "--out", f"{base}_rate{rate:g}_{name}.json", "--", *probe, "--mesh", "2",
                *STRATEGIES[name][1]])
   if "bench" in args.measure:
-    run(["taskset", "-c", "0", *py, "infer.bench", "--models",
+    run(["taskset", "-c", "0", *py, "infer.lab.bench", "--models",
          *(m.replace(":", "-") for m in args.models), "--mesh", "2",
          "--bandwidths", *[f"{r:g}" for r in args.rates], "--strategies",
          *dict.fromkeys(STRATEGIES[n][0] for m in args.models for n in MODELS[m]),
@@ -159,9 +169,9 @@ def measure(args) -> None:
       if rate not in args.rates:
         continue
       count = max(4, min(16, (4 << 20) // nbytes))  # about 4 MiB, 4 to 16 messages
-      run([*py, "infer.testbed", "--procs", "2", f"--rate={rate:g}", "--cores-per-proc", "1",
+      run([*py, "infer.lab.testbed", "--procs", "2", f"--rate={rate:g}", "--cores-per-proc", "1",
            "--out", probe_file(args.testbed, kind, nbytes, rate), "--",
-           "infer.collective_time", "--kind", kind, "--bytes", str(nbytes), "--count",
+           "infer.lab.collective_time", "--kind", kind, "--bytes", str(nbytes), "--count",
            str(count), "--mesh", "2", f"--repeats={args.repeats}"])
 
 
@@ -249,7 +259,7 @@ def measured_buckets(folder: str) -> dict[float, int]:
     rate, key = probe["rate_mbit"], (probe["kind"], probe["bytes"])
     if key not in chained.get(rate, {}):
       raise ValueError(f"{path} has no back-to-back probe of {key[0]} {key[1]} bytes at "
-                       f"{rate:g} Mbit/s beside it: run infer.collective_time without "
+                       f"{rate:g} Mbit/s beside it: run infer.lab.collective_time without "
                        "--gap-s too")
     seconds = probe["latency_s"] / probe["calls"] - latency.DEFAULT_MESSAGE_LATENCY_S
     sent = max(0.0, seconds) * rate * 1e6 * chained[rate][key] / 8
@@ -375,7 +385,7 @@ def markdown(rows: list[dict],
       what = "tbf bucket" if bucket == "tbf" else "bucket measured after idle gaps"
       tail = f"; {what} {bucket_bytes(bucket, rate, gap_buckets)} bytes."
     lines.append("")
-    lines.append(f"Link efficiency at {rate:g} Mbit/s (infer.collective_time, measured, per "
+    lines.append(f"Link efficiency at {rate:g} Mbit/s (infer.lab.collective_time, measured, per "
                  "message size): " + ", ".join(f"{k} {_size(n)} {v:.0%}"
                                                for (k, n), v in sorted(kinds.items())) +
                  tail)
@@ -390,7 +400,7 @@ def main(argv=None):
     cli.fail(f"{args.bench} is missing: run the bench command in this module's docstring first")
   runs = testbed_runs(args.testbed)
   if not runs:
-    cli.fail(f"no testbed results in {args.testbed}: run python -m infer.testbed first")
+    cli.fail(f"no testbed results in {args.testbed}: run python -m infer.lab.testbed first")
   probes = efficiencies(args.testbed)
   try:
     gap_buckets = (measured_buckets(args.gap_probes or args.testbed)
@@ -400,9 +410,9 @@ def main(argv=None):
     cli.fail(str(e))
   if not rows:
     cli.fail("no testbed run matches a modelled row: model the same model, tokens, "
-             "devices, rates and exchanges with infer.bench")
+             "devices, rates and exchanges with infer.lab.bench")
   with open(args.out + ".json", "w") as f:
-    json.dump({"command": "python -m infer.model_check " + " ".join(sys.argv[1:]),
+    json.dump({"command": "python -m infer.lab.model_check " + " ".join(sys.argv[1:]),
                "bucket": args.bucket,
                **({"measured_bucket_bytes": {f"{r:g}": b for r, b in gap_buckets.items()}}
                   if gap_buckets else {}),

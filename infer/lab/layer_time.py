@@ -1,7 +1,7 @@
 """One layer at a big model's true dimensions, timed on this host, scaled to the model.
 
-  python -m infer.layer_time                       # Llama 3.1 8B shape, 1024 tokens, P=4
-  python -m infer.layer_time --dtype bfloat16 --exchanges vq:groups=1 --repeats 2
+  python -m infer.lab.layer_time                       # Llama 3.1 8B shape, 1024 tokens, P=4
+  python -m infer.lab.layer_time --dtype bfloat16 --exchanges vq:groups=1 --repeats 2
 
 Times one Transformer block (random weights, batch 1) for the whole prompt on
 one device, and for one device's share on a mesh of ``--mesh`` fake CPU
@@ -23,6 +23,7 @@ import os
 import sys
 
 from astra_jax.run import cli
+from infer import lab
 
 # ASTRA Table 7: Llama-3-8B prefill, 4 devices; single device and G=1 by bandwidth
 PAPER = {"single_device_s": 4.578,
@@ -40,7 +41,8 @@ def parse(argv):
   p.add_argument("--repeats", type=cli.at_least(1), default=3)
   p.add_argument("--latency-ms", type=cli.nonnegative, default=1.0,
                  help="per-collective latency alpha")
-  p.add_argument("--out", default="results/llama8b_layer")
+  p.add_argument("--out", default=os.path.join(lab.OUT, "llama8b_layer"),
+                 help="writes OUT.json and OUT.md (default %(default)s)")
   return p.parse_args(argv)
 
 
@@ -91,7 +93,7 @@ def main(argv=None):
                      "compute_s": lat.compute_s, "comm_s": lat.comm_s,
                      "speedup": single_s / lat.total_s,
                      "bytes_per_device": traffic[spec].total_bytes(w.layers)})
-  result = {"command": "python -m infer.layer_time " + " ".join(sys.argv[1:]),
+  result = {"command": "python -m infer.lab.layer_time " + " ".join(sys.argv[1:]),
             "model": w.name, "tokens": w.tokens, "layers": w.layers, "mesh": args.mesh,
             "dtype": args.dtype, "single_layer_s": single_layer, "share_layer_s": share,
             "peak_memory_bytes": peak, "paper": PAPER, "rows": rows}

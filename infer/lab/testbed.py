@@ -1,9 +1,9 @@
 """Run a multi-process CLI over bandwidth-shaped links between network namespaces.
 
-  sudo python -m infer.testbed --procs 2 --rate 10 -- infer.prefill_time --model gpt2:mini \\
+  sudo python -m infer.lab.testbed --procs 2 --rate 10 -- infer.lab.prefill_time --model gpt2:mini \\
       --tokens 1024 --mesh 2 --exchange vq --groups 32
-  sudo python -m infer.testbed --procs 2 --rate 10          # only measure the link
-  sudo python -m infer.testbed --cleanup                    # remove crashed runs' leftovers
+  sudo python -m infer.lab.testbed --procs 2 --rate 10          # only measure the link
+  sudo python -m infer.lab.testbed --cleanup                    # remove crashed runs' leftovers
 
 Sets up ``astra_jax.netsim.netns.Testbed``: one namespace per process on a bridge,
 every link shaped with tbf to ``--rate`` Mbit/s in both directions (netem is
@@ -65,7 +65,7 @@ def parse(argv):
   p.add_argument("--force", action="store_true",
                  help="with --cleanup: also remove the testbeds of running processes")
   p.add_argument("command", nargs=argparse.REMAINDER,
-                 help="-- MODULE ARGS...: the CLI each rank runs (e.g. infer.prefill_time ...)")
+                 help="-- MODULE ARGS...: the CLI each rank runs (e.g. infer.lab.prefill_time ...)")
   args = p.parse_args(argv)
   if args.command and args.command[0] == "--":
     args.command = args.command[1:]

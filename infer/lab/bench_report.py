@@ -134,7 +134,7 @@ def _paper_md(paper) -> list[str]:
                  f"{_ms(r['latency_s'])} ({_ms(r['compute_s'])} + {_ms(r['comm_s'])}) | "
                  f"{_x(r['speedup_vs_single'])} | {_x(r['speedup_vs_exact'])} |")
   lines += ["", "gtx1660ti is the spec-sheet peak; host is this machine's measured FLOP/s "
-            "(python -m infer.profile_host). BENCHMARKS.md says which row reproduces the "
+            "(python -m infer.lab.profile_host). BENCHMARKS.md says which row reproduces the "
             "paper and why."]
   return lines + [""]
 

@@ -1,8 +1,8 @@
 """Measured time of one kind of collective, alone: the link rate it really reaches.
 
-  python -m infer.testbed --procs 2 --rate 10 -- infer.collective_time --kind all-gather \\
+  python -m infer.lab.testbed --procs 2 --rate 10 -- infer.lab.collective_time --kind all-gather \\
       --bytes 1048576 --count 6 --mesh 2
-  python -m infer.collective_time --kind all-reduce --bytes 65536 --mesh 2   # fake CPU devices
+  python -m infer.lab.collective_time --kind all-reduce --bytes 65536 --mesh 2   # fake CPU devices
 
 Compiles one program of ``--count`` chained collectives of ``--kind``
 (all-gather, all-reduce, all-to-all or collective-permute around the ring), each handing
@@ -16,9 +16,9 @@ topology (``astra_jax.netsim.latency.wire_bytes``), so
   achieved_mbit = count x wire_bytes x 8 / latency_s / 1e6
 
 is the rate this kind of collective reaches over the link, message latency
-included.  ``infer.model_check --measure`` runs it on the shaped testbed for
+included.  ``infer.lab.model_check --measure`` runs it on the shaped testbed for
 every kind the strategies use and gives the latency model the ratio to the
-link's rate (``--link-efficiency`` of ``infer.bench``): a calibration from a
+link's rate (``--link-efficiency`` of ``infer.lab.bench``): a calibration from a
 measurement of the collectives themselves, not of the forwards it predicts.
 
 ``--gap-s S`` runs the ``--count`` collectives as that many calls of a
@@ -28,7 +28,7 @@ while the ranks compute, and a tbf bucket refills then, so this measures what
 a layer's exchange gets after a compute-long pause (the latency model's
 ``burst_bytes`` credit); back to back, only the first collective gets it.
 
-  python -m infer.testbed --procs 2 --rate 10 -- infer.collective_time --kind all-gather \\
+  python -m infer.lab.testbed --procs 2 --rate 10 -- infer.lab.collective_time --kind all-gather \\
       --bytes 40960 --count 12 --mesh 2 --gap-s 0.1
 
 The last line is one JSON object: kind, bytes, count, mesh, processes,
@@ -95,7 +95,7 @@ def measure(args) -> dict:
   from jax.sharding import PartitionSpec
   from astra_jax.netsim import latency, traffic
   from astra_jax.parallel import mesh as mesh_lib
-  from infer.prefill_time import barrier, slowest
+  from infer.lab.prefill_time import barrier, slowest
 
   mesh = mesh_lib.make_seq_mesh(args.mesh)
   axis = mesh.axis_names[0]

@@ -1,6 +1,6 @@
 """Measure this machine's float32 matmul FLOP/s and memory bandwidth (the 'host' profile).
 
-  python -m infer.profile_host [--out results/host_profile.json]
+  python -m infer.lab.profile_host [--out results/host_profile.json]
 
 FLOP/s: a jitted N x N float32 matmul (2 N^3 FLOPs), median of ``--repeats``
 runs after a warm-up.  Memory bandwidth: a jitted, buffer-donating ``x * 2``
@@ -20,11 +20,14 @@ import sys
 import time
 
 from astra_jax.run import cli
+from infer import lab
 
 
 def parse(argv):
   p = cli.Parser(description=__doc__.split("\n")[0])
-  p.add_argument("--out", default=os.path.join("results", "host_profile.json"))
+  p.add_argument("--out", default=os.path.join(lab.OUT, "host_profile.json"),
+                 help="default %(default)s; the bench reads results/host_profile.json "
+                      "unless given --host-profile")
   p.add_argument("--matmul-size", type=cli.at_least(1), default=2048)
   p.add_argument("--buffer-mib", type=cli.at_least(1), default=256,
                  help="size of the bandwidth buffer")
@@ -79,7 +82,7 @@ def main(argv=None):
   cli.print_result({
       "name": "host", "description": f"this machine: {cpu}, {cores} cores (XLA:CPU)",
       "peak_flops": flops, "mem_bandwidth": bandwidth, "precision": "fp32",
-      "source": f"measured by python -m infer.profile_host on {day}: {n}x{n} float32 "
+      "source": f"measured by python -m infer.lab.profile_host on {day}: {n}x{n} float32 "
                 f"matmul and a {args.buffer_mib} MiB x*2 pass, median of {args.repeats}, "
                 f"jax {jax.__version__}",
       "cpu": cpu, "cores": cores,

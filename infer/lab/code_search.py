@@ -1,8 +1,8 @@
 """Nearest-code search against the layer it parallelises, on one CPU core.
 
-  python -m infer.code_search                                   # the table below
-  python -m infer.code_search --out results/code_search.json --repeats 5
-  python -m infer.code_search --rows 768/256/32/1024 256/512/32/1024
+  python -m infer.lab.code_search                                   # the table below
+  python -m infer.lab.code_search --out results/code_search.json --repeats 5
+  python -m infer.lab.code_search --rows 768/256/32/1024 256/512/32/1024
 
 Each row is one device of a 4-device ASTRA prefill: WIDTH (the K/V width D),
 TOKENS (its local tokens T), G groups and K entries per codebook.  Timed, as

@@ -1,8 +1,8 @@
 """Prefill latency for models x devices x bandwidths x strategies: HLO bytes + a latency model.
 
-  python -m infer.bench                       # the full matrix, into results/bench/
-  python -m infer.bench --tiny --out /tmp/b   # CI: tiny models, a few points, seconds
-  python -m infer.bench --models vit-b16 --mesh 1 4 --bandwidths 10 \\
+  python -m infer.lab.bench                       # the full matrix, into results/bench/
+  python -m infer.lab.bench --tiny --out /tmp/b   # CI: tiny models, a few points, seconds
+  python -m infer.lab.bench --models vit-b16 --mesh 1 4 --bandwidths 10 \\
       --exchanges exact vq:groups=32 --profiles gtx1660ti
 
 Bytes per device come from the compiled program of each (model, P, exchange)
@@ -27,6 +27,7 @@ import os
 import sys
 
 from astra_jax.run import cli
+from infer import lab
 
 FULL = dict(models=["vit-b16", "gpt2-small", "gpt2-medium", "vit-mu7", "gpt2-micro"],
             mesh=[1, 2, 4, 8], bandwidths=[10, 20, 50, 100, 500, 1000],
@@ -58,7 +59,7 @@ def parse(argv):
   p.add_argument("--measure", action="store_true",
                  help=f"add profile '{MEASURED}' (timed on this host) for the tiny models")
   p.add_argument("--host-profile", default=os.path.join("results", "host_profile.json"),
-                 help="file written by python -m infer.profile_host")
+                 help="file written by python -m infer.lab.profile_host")
   p.add_argument("--topology", nargs="+", default=["switched"],
                  help="switched (full duplex, default) and/or shared (one medium)")
   p.add_argument("--latency-ms", type=cli.nonnegative, default=1.0,
@@ -67,10 +68,11 @@ def parse(argv):
                  help="fraction of a profile's peak FLOP/s reached (roofline)")
   p.add_argument("--link-efficiency", type=link_efficiency, default=(), metavar="KIND=E,...",
                  help="fraction of the bandwidth each collective kind reaches, e.g. "
-                      "all-gather=0.6,all-reduce=0.85 (measured by infer.collective_time; "
+                      "all-gather=0.6,all-reduce=0.85 (measured by infer.lab.collective_time; "
                       "default 1 for every kind)")
   p.add_argument("--repeats", type=cli.at_least(1), default=5, help="timed runs per measurement")
-  p.add_argument("--out", default=os.path.join("results", "bench"))
+  p.add_argument("--out", default=os.path.join(lab.OUT, "bench"),
+                 help="output folder (default %(default)s; BENCHMARKS.md names results/ folders)")
   args = p.parse_args(argv)
   for key, value in (TINY if args.tiny else FULL).items():
     if getattr(args, key) is None:
@@ -137,7 +139,7 @@ def main(argv=None):
     rows, paper, skipped = run(args)
   except ValueError as e:
     cli.fail(str(e))
-  from infer import bench_report
+  from infer.lab import bench_report
   files = bench_report.write(args.out, rows, paper, command=_command(argv), skipped=skipped)
   if paper:
     print(bench_report.paper_text(paper))
@@ -145,7 +147,7 @@ def main(argv=None):
 
 
 def _command(argv) -> str:
-  return " ".join(["python -m infer.bench", *(sys.argv[1:] if argv is None else argv)])
+  return " ".join(["python -m infer.lab.bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 def run(args):
@@ -243,7 +245,7 @@ def run(args):
     overlapped = getattr(exchanges_all[spec], "overlap", False)
     pt = point(w, source, p, spec)
     # the model's inputs, so a reader can recompute the row with other link
-    # parameters (infer.model_check does, with measured link efficiencies)
+    # parameters (infer.lab.model_check does, with measured link efficiencies)
     inputs = {"layer_compute_s": pt.layer_s, "embed_s": pt.embed_s, "head_s": pt.head_s,
               "layer_overlap_s": overlap_s(w, p, spec, pt.layer_s),
               "message_latency_s": args.latency_ms / 1e3,

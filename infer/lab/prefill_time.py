@@ -1,10 +1,10 @@
 """Measured end-to-end latency of one sequence- or tensor-parallel forward (prefill).
 
-  python -m infer.prefill_time --model gpt2:mini --tokens 1024 --exchange vq --groups 32 --mesh 2
-  python -m infer.prefill_time --model gpt2:mini --tokens 1024 --mesh 1      # one device
-  python -m infer.prefill_time --model gpt2:mini --tokens 1024 --mesh 2 --tp flash:bits=4
-  python -m infer.prefill_time --model smollm2 --tokens 1024 --exchange vq --groups 32 --mesh 2
-  python -m infer.testbed --procs 2 --rate 10 -- infer.prefill_time --model gpt2:mini --mesh 2
+  python -m infer.lab.prefill_time --model gpt2:mini --tokens 1024 --exchange vq --groups 32 --mesh 2
+  python -m infer.lab.prefill_time --model gpt2:mini --tokens 1024 --mesh 1      # one device
+  python -m infer.lab.prefill_time --model gpt2:mini --tokens 1024 --mesh 2 --tp flash:bits=4
+  python -m infer.lab.prefill_time --model smollm2 --tokens 1024 --exchange vq --groups 32 --mesh 2
+  python -m infer.lab.testbed --procs 2 --rate 10 -- infer.lab.prefill_time --model gpt2:mini --mesh 2
 
 Builds the model at random initialisation (``gpt2:<variant>`` with a
 ``--vocab-size`` vocabulary, 256 unless given (50257 is GPT-2's: its head is
