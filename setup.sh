@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # astra-jax set-up: finds Python >= 3.12, makes .venv, installs the project, then runs
-#   bash setup.sh main        -> the main job: ViT on bundled Fashion-MNIST, 4-way sequence parallel
-#   bash setup.sh test        -> the default test suite (fake CPU devices)
-#   bash setup.sh test-slow   -> the slow tests only
+#   bash setup.sh main [args]   -> the main job: ViT on bundled Fashion-MNIST, 4-way sequence
+#                                  parallel (args go to python -m train.vit)
+#   bash setup.sh test [args]   -> the test suite on fake CPU devices (args go to pytest)
 set -euo pipefail
 cd "$(dirname "$0")"
 mode="${1:-}"; shift || true
+case "$mode" in  # checked before anything is installed
+  main|test) ;;
+  *) echo "usage: bash setup.sh {main|test} [args]  (main: train.vit's main job; test: pytest)" >&2
+     exit 2 ;;
+esac
 
 version_ok() { "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1; }
 
@@ -86,8 +91,4 @@ case "$mode" in
     # two workers (one per core); a file's tests stay on one worker, so its module
     # fixtures (trained runs, the SmolLM2 reference) are built once; slowest printed
     exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 "$@" ;;
-  test-slow)
-    exec .venv/bin/python -m pytest -q -m slow "$@" ;;
-  *)
-    echo "usage: bash setup.sh {main|test|test-slow} [extra args]" >&2; exit 2 ;;
 esac

@@ -9,7 +9,8 @@ with its own default config and workdir); the config's ``family`` picks it.
                      model (gguf:PATH, hf:DIR, smollm2; the config then defaults to
                      configs/pretrained_lm and the model's tokenizer is used); with
                      --config.exchange=vq the codebooks start by k-means on its own K/V
-  --config.KEY=VAL   typed overrides, e.g. --config.steps=300 --config.vq.groups=16
+  --config.KEY=VALUE typed overrides, e.g. --config.steps=300 --config.vq.groups=16
+  --show-config      print every key (KEY: TYPE = VALUE, overrides applied) and exit
 
 The last line printed is one JSON object with the validation perplexity.
 """
@@ -28,6 +29,8 @@ def main(argv=None, *, config: str = "gpt2_shakespeare", workdir: str = "workdir
       sys.argv[1:] if argv is None else argv, config=config, workdir=workdir,
       description=f"Train {name} with ASTRA sequence parallelism.")
   default_config = config  # (the name is taken by the config module below)
+  if args.show_config:
+    cli.show_config(config_name(args, default_config), overrides)
   cli.setup_devices(args)
   import jax.numpy as jnp
   import numpy as np
@@ -39,9 +42,7 @@ def main(argv=None, *, config: str = "gpt2_shakespeare", workdir: str = "workdir
 
   try:
     from_checkpoint = pretrained.is_spec(args.init_from)
-    # a pretrained start takes its own recipe unless --config names another
-    cfg = config.load("pretrained_lm" if from_checkpoint and args.config == default_config
-                      else args.config, overrides)
+    cfg = config.load(config_name(args, default_config), overrides)
     if from_checkpoint:
       lm.use_pretrained(cfg, args.init_from)
     elif args.init_from:  # a run folder, checked before anything is written
@@ -89,6 +90,14 @@ def main(argv=None, *, config: str = "gpt2_shakespeare", workdir: str = "workdir
                        cfg.eval_windows)
   training.MetricsLog(args.workdir).write(total, valid_perplexity=result["perplexity"])
   cli.print_result(dict(result, steps=total, workdir=args.workdir))
+
+
+def config_name(args, default_config: str) -> str:
+  """A pretrained start takes its own recipe (pretrained_lm) unless --config names another."""
+  if not args.init_from or args.config != default_config:
+    return args.config
+  from astra_jax.io import pretrained  # (imports jax)
+  return "pretrained_lm" if pretrained.is_spec(args.init_from) else args.config
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ llama_shakespeare, --workdir workdir/llama.  Every flag is the same:
   --workdir DIR      config.json, checkpoints/, metrics.jsonl; rerunning resumes
   --init-from DIR    start from another run's weights (ASTRA fine-tuning with
                      --config.exchange=vq: k-means codebooks from its own K/V)
-  --config.KEY=VAL   typed overrides, e.g. --config.steps=300 --config.vq.groups=16
+  --config.KEY=VALUE typed overrides, e.g. --config.steps=300 --config.vq.groups=16
+  --show-config      print every key (KEY: TYPE = VALUE, overrides applied) and exit
 
 The last line printed is one JSON object with the validation perplexity.
 """

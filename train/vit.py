@@ -5,7 +5,8 @@
   --init-from DIR    start from another run's weights (ASTRA fine-tuning: with
                      --config.exchange=vq the codebooks start from k-means on
                      that model's own K/V)
-  --config.KEY=VAL   typed overrides, e.g. --config.epochs=1 --config.vq.groups=16
+  --config.KEY=VALUE typed overrides, e.g. --config.epochs=1 --config.vq.groups=16
+  --show-config      print every key (KEY: TYPE = VALUE, overrides applied) and exit
 
 The last line printed is one JSON object with the test accuracy.
 """
@@ -23,6 +24,8 @@ def main(argv=None):
       workdir="workdir/vit", description="Train a ViT with ASTRA sequence parallelism.",
       extra=lambda p: p.add_argument("--data-dir", default=None,
                                      help="folder with the dataset files"))
+  if args.show_config:
+    cli.show_config(args.config, overrides)
   cli.setup_devices(args)
   import jax.numpy as jnp
   import numpy as np

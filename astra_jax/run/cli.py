@@ -107,23 +107,47 @@ def setup_devices(args: argparse.Namespace) -> None:
 def train_args(argv, *, description: str, config: str, workdir: str, extra=None):
   """The train CLIs' flags (``extra(parser)`` adds more); returns (args, overrides).
 
-  The overrides are the remaining ``--config.KEY=VAL`` arguments.
+  The overrides are the remaining ``--config.KEY=VALUE`` arguments; with
+  ``--show-config`` the CLI prints the config (``show_config``) instead of training.
   """
   p = Parser(description=description)
   if extra:
     extra(p)
-  p.add_argument("--config", default=config, help="a module in configs/ with get_config()")
+  g = p.add_argument_group(
+      "config", "--config.KEY=VALUE overrides one key of the config, typed by the value it "
+      "replaces, e.g. --config.batch_size=64 --config.vq.groups=16 (a str key also takes "
+      "none); --show-config lists every key with its value and type")
+  g.add_argument("--config", default=config, metavar="NAME",
+                 help=f"a module in configs/ with get_config() (default {config})")
+  g.add_argument("--show-config", action="store_true",
+                 help="print every key of the config as KEY: TYPE = VALUE, after the "
+                      "--config.KEY=VALUE overrides, and exit without training")
   p.add_argument("--mesh", type=at_least(1), default=4, help="devices on the seq axis")
   p.add_argument("--workdir", default=workdir)
   p.add_argument("--init-from", default=None,
                  help="weights to start from: a run folder, or (LMs) a pretrained model "
-                      "gguf:PATH | hf:DIR | smollm2")
+                      "gguf:PATH | hf:DIR | smollm2 (--config then defaults to pretrained_lm)")
   p.add_argument("--max-steps", type=at_least(0), default=None,
                  help="stop after this many steps (0 with --init-from: only the start, "
                       "e.g. k-means codebooks)")
   from astra_jax.parallel import distributed
   distributed.add_flags(p)
   return p.parse_known_args(argv)
+
+
+def show_config(name: str, overrides) -> None:
+  """``--show-config``: prints config ``name`` with ``overrides`` applied, one
+  ``KEY: TYPE = VALUE`` line per key, and exits 0 (a bad override: exit 2).
+  Nothing else runs: no devices, data or workdir."""
+  from astra_jax.run import config
+  try:
+    cfg = config.load(name, overrides)
+  except ValueError as e:
+    fail(str(e))
+  print(f"# {name if '.' in name else f'configs.{name}'}, overrides applied; set a key "
+        "with --config.KEY=VALUE")
+  print("\n".join(config.listing(cfg)))
+  raise SystemExit(0)
 
 
 def check_writable(path: str, flag: str, *, directory: bool) -> None:

@@ -2,6 +2,7 @@
 
 Overrides are typed by the value they replace, and an unknown key is an error
 that lists the known ones (a typo never silently trains the default).
+``listing`` shows every key as an override would read it (``--show-config``).
 """
 
 from __future__ import annotations
@@ -49,3 +50,18 @@ def set_value(cfg: ml_collections.ConfigDict, dotted: str, text: str) -> None:
     except ValueError:
       raise ValueError(f"--config.{dotted} takes a {type(old).__name__}, got {text!r}") from None
   node[leaf] = value
+
+
+def listing(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """One ``key: type = value`` line per leaf, nested keys dotted (``vq.groups``),
+  sorted; the type is the one ``set_value`` parses an override as (a None or
+  str key takes any text, ``none`` for None)."""
+  lines = []
+  for key in sorted(cfg.keys()):
+    value = cfg[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      lines += listing(value, f"{prefix}{key}.")
+    else:
+      kind = "str" if value is None else type(value).__name__
+      lines.append(f"{prefix}{key}: {kind} = {value!r}")
+  return lines
