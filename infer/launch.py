@@ -3,9 +3,18 @@
   python -m infer.launch --procs 2 -- infer.gpt2 --workdir workdir/gpt2 --mesh=4 --eval
 
 Every rank runs ``python -m <cli> <args> --coordinator=HOST:PORT
---num-processes=N --process-id=I``.  Output lines are prefixed ``[rank I]`` as
-they arrive; at the end rank 0's last line (the CLI's JSON result) is printed
-again unprefixed, so scripts can read it as usual.
+--num-processes=N --process-id=I``.  Its lines are prefixed ``[rank I]`` as they
+arrive, its stdout on the launcher's stdout and its stderr (progress bars,
+warnings, ``error:`` lines) on the launcher's stderr.  The runtime's routine
+lines are dropped (gloo's ``[Gloo] Rank R is connected to P peer ranks`` on
+stdout, kept when fewer peers connected than expected); text they cut off is
+joined to its line again.
+
+The last line is the run's result, unprefixed, so scripts read it as usual: the
+last stdout line of the rank whose JSON names itself in ``decoded_by_process``
+(generation: the process holding the prompt's last token decodes; the others
+print no tokens), else rank 0's last line (evaluation and training print the
+same result on every rank).
 
 Fails fast: when a rank exits non-zero, the others are stopped (SIGTERM, then
 SIGKILL after ``--grace`` seconds) and the launcher exits non-zero naming the
@@ -13,13 +22,15 @@ dead rank.  Ctrl-C or SIGTERM to the launcher is passed on to every rank
 (training ranks save a checkpoint and stop); the launcher then exits 130 or
 143 like the ranks.  ``--timeout`` bounds the whole run.  ``--wrap`` puts a command
 before each rank (``{rank}`` is replaced), e.g. ``ip netns exec astra{rank}``;
-``infer.testbed`` uses it.
+``infer.lab.testbed`` uses it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -32,6 +43,11 @@ from astra_jax.run import cli
 
 
 INTERRUPT_GRACE_S = 120  # Ctrl-C / SIGTERM: time the ranks get to save a checkpoint
+# gloo (C++) prints this on stdout whenever it opens a communicator, in the
+# middle of whatever line the rank was writing
+GLOO_CONNECTED = re.compile(r"\[Gloo\] Rank \d+ is connected to (\d+) peer ranks\. "
+                            r"Expected number of connected peer ranks is : (\d+)$")
+RESULT_FROM = "decoded_by_process"  # a result one process produces names that process
 
 
 def parse(argv):
@@ -68,24 +84,43 @@ def rank_command(args, rank: int, coordinator: str) -> list[str]:
           f"--num-processes={args.procs}", f"--process-id={rank}"]
 
 
+def without_noise(lines):
+  """``lines`` without their newlines and without gloo's routine connection lines
+  (kept when fewer peers connected than expected); text before one of those (a
+  prompt streamed without a newline) is joined to the line that follows."""
+  head = ""
+  for line in lines:
+    line = head + line.rstrip("\n")
+    found = GLOO_CONNECTED.search(line)
+    if found and found.group(1) == found.group(2):
+      head = line[:found.start()]
+      continue
+    head = ""
+    yield line
+  if head:
+    yield head
+
+
 class Rank:
-  """One child process and a thread copying its output, prefixed."""
+  """One child process and two threads copying its stdout and stderr, prefixed."""
 
   def __init__(self, rank: int, cmd: list[str], lock: threading.Lock):
     self.rank, self.last = rank, ""
-    self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True, bufsize=1, start_new_session=True,
                                  env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    self.thread = threading.Thread(target=self._pump, args=(lock,), daemon=True)
-    self.thread.start()
+    self.threads = [threading.Thread(target=self._pump, args=(src, lock, is_stdout), daemon=True)
+                    for src, is_stdout in ((self.proc.stdout, True), (self.proc.stderr, False))]
+    for t in self.threads:
+      t.start()
 
-  def _pump(self, lock):
-    for line in self.proc.stdout:
-      line = line.rstrip("\n")
-      if line.strip():
+  def _pump(self, src, lock, is_stdout: bool):
+    for line in without_noise(src):
+      if is_stdout and line.strip():
         self.last = line
       with lock:
-        print(f"[rank {self.rank}] {line}", flush=True)
+        print(f"[rank {self.rank}] {line}", file=sys.stdout if is_stdout else sys.stderr,
+              flush=True)
 
   def signal(self, sig) -> None:
     if self.proc.poll() is None:
@@ -99,6 +134,19 @@ def _first_cause(dead: list) -> list:
   """Failed ranks, the likely cause first: one killed by a signal (negative
   status) before the survivors that stopped with an error because it died."""
   return sorted(dead, key=lambda r: (r.proc.returncode >= 0, r.rank))
+
+
+def result_line(ranks: list) -> str:
+  """The last stdout line of the rank whose JSON result names itself in
+  ``RESULT_FROM``, else rank 0's."""
+  for r in ranks:
+    try:
+      result = json.loads(r.last)
+    except ValueError:
+      continue
+    if isinstance(result, dict) and result.get(RESULT_FROM) == r.rank:
+      return r.last
+  return ranks[0].last
 
 
 def run(args) -> int:
@@ -148,7 +196,8 @@ def run(args) -> int:
     for s, handler in previous.items():
       signal.signal(s, handler)
     for r in ranks:
-      r.thread.join(timeout=5)
+      for t in r.threads:
+        t.join(timeout=5)
   if received:
     codes = sorted({r.proc.returncode for r in ranks})
     print(f"error: {reason}; the ranks exited with {', '.join(map(str, codes))} (see their "
@@ -159,7 +208,7 @@ def run(args) -> int:
           if failed else f"error: {reason}", file=sys.stderr)
     code = failed.proc.returncode if failed else 1
     return code if code in (130, 143) else 1  # a rank stopped by a signal: its status
-  print(ranks[0].last, flush=True)
+  print(result_line(ranks), flush=True)
   return 0
 
 

@@ -44,15 +44,23 @@ def test_train_and_eval_across_processes_equal_one_process(corpus, tmp_path):
   # generation: prefill over 2 processes, the owner of the last prompt token decodes
   gen = ["infer.gpt2", f"--workdir={tmp_path}/one", "--mesh=4", "--prompt", "Now is",
          "--max-new-tokens=8"]
-  want = last_json(run(*gen))
+  single = run(*gen)
+  want = last_json(single)
   proc = launch(2, *gen)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  results = [json.loads(line.split("] ", 1)[1]) for line in proc.stdout.splitlines()
-             if line.startswith("[rank ") and line.split("] ", 1)[1].startswith("{")]
-  decoded = [r for r in results if r["new_tokens"]]
-  assert len(results) == 2 and len(decoded) == 1
-  assert decoded[0]["completion"] == want["completion"]
-  assert decoded[0]["decoded_by_process"] == 1  # "Now is" ends in the second half
+  got = last_json(proc)  # the decoding rank's result, not rank 0's empty one
+  assert want["completion"] and got["new_tokens"] == 8
+  assert got == dict(want, decoded_by_process=1)  # "Now is" ends in the second half
+  # each rank's stdout is its own text alone: gloo's connection lines are dropped,
+  # and the one cutting the streamed prompt's line is taken out of it
+  lines = proc.stdout.splitlines()[:-1]
+  rank = {i: [line[len(f"[rank {i}] "):] for line in lines if line.startswith(f"[rank {i}] ")]
+          for i in (0, 1)}
+  assert len(rank[0]) + len(rank[1]) == len(lines)
+  assert rank[1][:-1] == single.stdout.splitlines()[:-1]  # "Now is" + the completion
+  assert rank[1][-1] == proc.stdout.splitlines()[-1]  # the launcher's last line: rank 1's
+  assert rank[0][0] == "prefill done; decoding continues on process 1"
+  assert json.loads(rank[0][1]) == dict(got, completion="", new_tokens=0) and len(rank[0]) == 2
+  assert "Gloo" not in proc.stdout + proc.stderr
 
 
 def test_bad_flags_are_named(tmp_path):
@@ -71,7 +79,7 @@ def test_killed_rank_stops_the_others(corpus, tmp_path):
   launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
   try:
-    for line in launcher.stdout:  # wait until rank 1 trains
+    for line in launcher.stderr:  # wait until rank 1 trains (its progress bar)
       if line.startswith("[rank 1]") and "step/s" in line:
         break
     victim = subprocess.run(["pgrep", "-f", "--", f"--workdir={tmp_path}/run .*--process-id=1"],

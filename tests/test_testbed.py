@@ -33,6 +33,17 @@ def _owned_by(pid: int) -> dict:
   return netns.leftovers(owner=pid)
 
 
+def _gloo_connected(namespace: str) -> bool:
+  """Whether ``namespace`` holds a TCP connection on neither the coordinator's nor
+  the probe's port: gloo's, opened by the ranks' first collective."""
+  from infer.lab import testbed
+  out = subprocess.run(["ip", "netns", "exec", namespace, "ss", "-Htn", "state", "established"],
+                       capture_output=True, text=True).stdout
+  ports = {str(testbed.COORDINATOR_PORT), str(testbed.PROBE_PORT)}
+  return any(not {a.rsplit(":", 1)[1] for a in line.split()[2:4]} & ports
+             for line in out.splitlines())
+
+
 def test_not_root_is_a_clear_error(monkeypatch, capsys):
   with pytest.raises(netns.TestbedError, match="needs root: .*run as root or with sudo"):
     netns.check_root(euid=1000)
@@ -97,9 +108,13 @@ def test_interrupt_removes_everything():
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
       env=dict(os.environ, PYTHONUNBUFFERED="1"))
   try:
-    for line in proc.stdout:  # both ranks joined: the run is under way
-      if "Rank 0 is connected" in line or "[rank 0] gpt2" in line:
-        break
+    # both ranks joined: the run is under way (infer.launch drops gloo's own line
+    # saying so, and prefill_time prints only at the end)
+    namespace = netns.Testbed(2, 50, owner=proc.pid).namespaces[1]
+    deadline = time.monotonic() + 120
+    while not _gloo_connected(namespace):
+      assert proc.poll() is None and time.monotonic() < deadline, "the ranks never connected"
+      time.sleep(0.2)
     assert _owned_by(proc.pid)["namespaces"], "no namespaces while running"
     proc.send_signal(signal.SIGINT)
     start = time.monotonic()
