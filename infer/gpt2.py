@@ -137,8 +137,10 @@ def main(argv=None, *, description: str | None = None):
                     completion=tokenizer.decode(new), decoded_by_process=owner)
   except ValueError as e:
     cli.fail(str(e))
+  # --out holds the answer: the process that decoded it writes the file
   cli.print_result(dict(result, workdir=args.workdir, model=args.model, mesh=args.mesh,
-                        exchange=model_cfg.exchange.name), args.out)
+                        exchange=model_cfg.exchange.name), args.out,
+                   writer=result.get("decoded_by_process", 0) == jax.process_index())
 
 
 if __name__ == "__main__":

@@ -46,10 +46,11 @@ def test_train_and_eval_across_processes_equal_one_process(corpus, tmp_path):
          "--max-new-tokens=8"]
   single = run(*gen)
   want = last_json(single)
-  proc = launch(2, *gen)
+  proc = launch(2, *gen, f"--out={tmp_path}/gen.json")
   got = last_json(proc)  # the decoding rank's result, not rank 0's empty one
   assert want["completion"] and got["new_tokens"] == 8
   assert got == dict(want, decoded_by_process=1)  # "Now is" ends in the second half
+  assert json.loads((tmp_path / "gen.json").read_text()) == got  # --out: the decoder's too
   # each rank's stdout is its own text alone: gloo's connection lines are dropped,
   # and the one cutting the streamed prompt's line is taken out of it
   lines = proc.stdout.splitlines()[:-1]

@@ -232,9 +232,10 @@ def exchange_from_flags(args: argparse.Namespace):
   return exchange.make_exchange(name, **options)
 
 
-def print_result(result: dict[str, Any], out: str | None = None) -> None:
+def print_result(result: dict[str, Any], out: str | None = None, *,
+                 writer: bool | None = None) -> None:
   """Prints ``result`` as the last line (one JSON object) and writes it to ``out``
-  (process 0 only, in multi-process runs).
+  (in multi-process runs, only where ``writer`` is true; by default process 0).
 
   The line is printed first, so a failed write (disk full) loses nothing: it
   ends the command with a one-line error and exit status 1.
@@ -245,7 +246,7 @@ def print_result(result: dict[str, Any], out: str | None = None) -> None:
   # pipe could land between them
   sys.stdout.write(line + "\n")
   sys.stdout.flush()
-  if out and _main_process():
+  if out and (_main_process() if writer is None else writer):
     path = os.path.abspath(out)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
