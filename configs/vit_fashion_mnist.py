@@ -11,8 +11,11 @@ Cost and result on this project's 2-core CPU machine (JAX 0.12, 4 fake
 devices): 9 epochs at batch 128 (4,212 steps) took 509 s on a quiet machine and
 12 min 39 s with other jobs loading the cores (a fresh-clone ``bash setup.sh
 main``, install included, took 16 min 57 s then); test accuracy 89.30%, the same
-at mesh 1 and mesh 4.  ``python -m infer.results vit --exact-workdir workdir/vit``
-makes the ASTRA rows of RESULTS.md from this run.
+at mesh 1 and mesh 4.  The accuracy's last digits depend on the host's CPU: on a
+2-core Zen 4 host (2026-12-06, other jobs on the cores) ``bash setup.sh main``,
+resumed after ``--max-steps=300``, took 10 min 50 s and reached 88.83%.
+``python -m infer.results vit --publish --exact-workdir workdir/vit`` makes the
+ASTRA rows of RESULTS.md from this run.
 """
 
 import ml_collections
