@@ -248,7 +248,9 @@ def _run(module, *args):
   for line in proc.stdout:  # show the run's output as it comes; its last line is the JSON
     print(line, end="", flush=True)
     last = line.strip() or last
-  if proc.wait():
+  if proc.wait() == 2:  # refused (bad input, a run folder in use): its one error line says why
+    raise SystemExit(2)
+  if proc.returncode:
     raise SystemExit(f"error: {' '.join(cmd[2:])} failed with exit code {proc.returncode}")
   return json.loads(last)
 

@@ -5,6 +5,7 @@ with its own default config and workdir); the config's ``family`` picks it.
 
   --config NAME      a module in configs/ (default gpt2_shakespeare)
   --workdir DIR      config.json, checkpoints/, metrics.jsonl; rerunning resumes
+                     (one trainer at a time: a second one is refused, naming the first)
   --init-from SRC    start from another run's weights (a run folder) or a pretrained
                      model (gguf:PATH, hf:DIR, smollm2; the config then defaults to
                      configs/pretrained_lm and the model's tokenizer is used); with
@@ -60,6 +61,7 @@ def main(argv=None, *, config: str = "gpt2_shakespeare", workdir: str = "workdir
     model_cfg = lm.model_config(cfg)
     mesh_lib.check_divisible(cfg.context, args.mesh, what="context")
     mesh = mesh_lib.seq_mesh_or_none(args.mesh)
+    workdir.lock(args.workdir)  # inputs checked; the first write: one trainer per folder
     ckpt = checkpoint.Checkpointer(workdir.checkpoint_dir(args.workdir),
                                    save_every=cfg.checkpoint_every)
     positions = jnp.arange(cfg.context)

@@ -5,6 +5,7 @@ llama_shakespeare, --workdir workdir/llama.  Every flag is the same:
 
   --config NAME      a module in configs/ (default llama_shakespeare)
   --workdir DIR      config.json, checkpoints/, metrics.jsonl; rerunning resumes
+                     (one trainer at a time: a second one is refused, naming the first)
   --init-from DIR    start from another run's weights (ASTRA fine-tuning with
                      --config.exchange=vq: k-means codebooks from its own K/V)
   --config.KEY=VALUE typed overrides, e.g. --config.steps=300 --config.vq.groups=16

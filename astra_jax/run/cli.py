@@ -123,7 +123,9 @@ def train_args(argv, *, description: str, config: str, workdir: str, extra=None)
                  help="print every key of the config as KEY: TYPE = VALUE, after the "
                       "--config.KEY=VALUE overrides, and exit without training")
   p.add_argument("--mesh", type=at_least(1), default=4, help="devices on the seq axis")
-  p.add_argument("--workdir", default=workdir)
+  p.add_argument("--workdir", default=workdir,
+                 help="the run folder: config.json, checkpoints/, metrics.jsonl; rerunning "
+                      "resumes; one trainer at a time (a second one is refused)")
   p.add_argument("--init-from", default=None,
                  help="weights to start from: a run folder, or (LMs) a pretrained model "
                       "gguf:PATH | hf:DIR | smollm2 (--config then defaults to pretrained_lm)")
