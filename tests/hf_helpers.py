@@ -18,8 +18,10 @@ HOW = ("create it with `bash setup.sh test`, or by hand: /path/to/python3.11 -m 
        "accelerate")
 
 
-def reference(out: pathlib.Path, family: str) -> tuple[pathlib.Path, dict]:
-  """(folder, reference.npz as a dict) from ``hf_reference.py out family``, or a skip."""
+def reference(out: pathlib.Path, family: str | None,
+              script: str = "hf_reference.py") -> tuple[pathlib.Path, dict]:
+  """(folder, reference.npz as a dict) from ``script out [family]`` (tests/hf_reference.py
+  or tests/hf_vit_reference.py), or a skip."""
   if not HF_PYTHON.exists():
     pytest.skip(f"HF parity reference needs {HF_PYTHON} (Python 3.11 with torch + "
                 f"transformers), which is missing; {HOW}")
@@ -28,9 +30,10 @@ def reference(out: pathlib.Path, family: str) -> tuple[pathlib.Path, dict]:
   if probe.returncode:
     why = (probe.stderr.strip().splitlines() or ["unknown error"])[-1]
     pytest.skip(f"{HF_PYTHON} cannot import torch/transformers ({why}); {HOW}")
-  run = subprocess.run([str(HF_PYTHON), str(ROOT / "tests" / "hf_reference.py"), str(out),
-                        family], capture_output=True, text=True, timeout=600)
-  assert run.returncode == 0, f"tests/hf_reference.py failed:\n{run.stderr[-3000:]}"
+  run = subprocess.run([str(HF_PYTHON), str(ROOT / "tests" / script), str(out),
+                        *([family] if family else [])], capture_output=True, text=True,
+                       timeout=600)
+  assert run.returncode == 0, f"tests/{script} failed:\n{run.stderr[-3000:]}"
   return out, dict(np.load(out / "reference.npz"))
 
 

@@ -2,9 +2,12 @@
 
   --config NAME      a module in configs/ with get_config() (default vit_fashion_mnist)
   --workdir DIR      config.json, checkpoints/, metrics.jsonl; rerunning resumes
-  --init-from DIR    start from another run's weights (ASTRA fine-tuning: with
+  --init-from SRC    start from another run's weights (ASTRA fine-tuning: with
                      --config.exchange=vq the codebooks start from k-means on
-                     that model's own K/V)
+                     that model's own K/V), or a pretrained image model: hf:DIR
+                     (transformers ViT / DINOv2), onnx:FILE (a DINOv2 ONNX
+                     backbone) or dinov2-s (bundled); --config then defaults to
+                     vit_pretrained (--config.new_head=true: a fresh head)
   --config.KEY=VALUE typed overrides, e.g. --config.epochs=1 --config.vq.groups=16
   --show-config      print every key (KEY: TYPE = VALUE, overrides applied) and exit
 
@@ -18,14 +21,17 @@ import sys
 from astra_jax.run import cli
 
 
+CONFIG = "vit_fashion_mnist"
+
+
 def main(argv=None):
   args, overrides = cli.train_args(
-      sys.argv[1:] if argv is None else argv, config="vit_fashion_mnist",
+      sys.argv[1:] if argv is None else argv, config=CONFIG,
       workdir="workdir/vit", description="Train a ViT with ASTRA sequence parallelism.",
       extra=lambda p: p.add_argument("--data-dir", default=None,
                                      help="folder with the dataset files"))
   if args.show_config:
-    cli.show_config(args.config, overrides)
+    cli.show_config(_config_name(args), overrides)
   cli.setup_devices(args)
   import jax.numpy as jnp
   import numpy as np
@@ -33,10 +39,11 @@ def main(argv=None):
   from astra_jax.run import config, recipe, training, workdir
   from astra_jax.parallel import mesh as mesh_lib
   from astra_jax.data import images as data
-  from astra_jax.run.tasks import vit as task
+  from astra_jax.run.tasks import vit as task, vit_pretrained
 
   try:
-    cfg = config.load(args.config, overrides)
+    cfg = config.load(_config_name(args), overrides)
+    pretrained = vit_pretrained.use(cfg, args.init_from)  # the spec to load, if any
     training.check_settings(
         cfg, at_least_1=("epochs", "batch_size", "checkpoint_every", "log_every",
                          "eval_batch_size"),
@@ -48,6 +55,9 @@ def main(argv=None):
     cfg.num_classes = int(train_split.num_classes)
     model_cfg = task.model_config(cfg)
     task.check_mesh(model_cfg, args.mesh)
+    if pretrained:
+      vit_pretrained.check(cfg, model_cfg)  # e.g. its classes vs the data's
+    task.prepare(train_split.images[:1], cfg, model_cfg.patch)  # upsample / image_size fit
     steps_per_epoch = len(train_split.labels) // cfg.batch_size
     if steps_per_epoch == 0:
       raise ValueError(f"--config.batch_size={cfg.batch_size} is more than the "
@@ -68,8 +78,10 @@ def main(argv=None):
               jnp.asarray(train_split.labels[idx]))
 
     model = recipe.start_model(
-        init_from=args.init_from, ckpt=ckpt, build=lambda: task.build(model_cfg, cfg.seed),
-        restore=lambda run: task.restore_trained(run, model_cfg)[2], exchange=cfg.exchange,
+        init_from=pretrained or args.init_from, ckpt=ckpt,
+        build=lambda: task.build(model_cfg, cfg.seed),
+        restore=(lambda spec: vit_pretrained.load(cfg, model_cfg)) if pretrained
+        else (lambda run: task.restore_trained(run, model_cfg)[2]), exchange=cfg.exchange,
         calib_batches=lambda: (batch(steps_per_epoch * 10**6 + i)[0]  # an unseen permutation
                                for i in range(steps_per_epoch)),
         seed=cfg.seed, kmeans_tokens=cfg.get("kmeans_tokens", 4096))
@@ -91,6 +103,15 @@ def main(argv=None):
   result = task.evaluate(model, cfg, model_cfg, test_split, args.mesh, cfg.eval_batch_size)
   training.MetricsLog(args.workdir).write(total, test_accuracy=result["accuracy"])
   cli.print_result(dict(result, steps=total, workdir=args.workdir))
+
+
+def _config_name(args) -> str:
+  """A pretrained start (or a run made from one) takes configs/vit_pretrained
+  unless --config names another."""
+  if not args.init_from or args.config != CONFIG:
+    return args.config
+  from astra_jax.run.tasks import vit_pretrained  # (imports jax)
+  return vit_pretrained.config_name(args.init_from, args.config, CONFIG)
 
 
 if __name__ == "__main__":

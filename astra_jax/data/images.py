@@ -187,6 +187,20 @@ def pad_to(images: np.ndarray, size: int) -> np.ndarray:
     return np.pad(images, ((0, 0), (top, size - h - top), (left, size - w - left), (0, 0)))
 
 
+def upsample(images: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour [N, H, W, C] -> [N, factor*H, factor*W, C] (each pixel a block)."""
+    if factor < 1:
+        raise DatasetError(f"upsample: factor {factor} must be an integer >= 1")
+    return images if factor == 1 else images.repeat(factor, axis=1).repeat(factor, axis=2)
+
+
+def channel_stats(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel that ``normalize`` uses for ``dataset``."""
+    if dataset not in _STATS:
+        raise DatasetError(f"unknown dataset {dataset!r}; known datasets: {', '.join(sorted(_STATS))}")
+    return _STATS[dataset]
+
+
 def normalize(images: np.ndarray, dataset: str = "fashion_mnist") -> np.ndarray:
     """uint8 -> float32 ``(x / 255 - mean) / std`` with the per-channel constants of ``dataset``."""
     if dataset not in _STATS:

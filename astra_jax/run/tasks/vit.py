@@ -14,14 +14,17 @@ from tqdm import tqdm
 from astra_jax.parallel import forward, mesh as mesh_lib
 from astra_jax.core import exchange
 from astra_jax.run import training, workdir
-from astra_jax.run.tasks import exchanges
+from astra_jax.run.tasks import exchanges, vit_pretrained
 from astra_jax.netsim import traffic
 from astra_jax.data import images as data
 from astra_jax.models import vit
 
 
 def model_config(cfg: ml_collections.ConfigDict, exchange_spec: str | None = None) -> vit.ViTConfig:
-  """The run's ViT with ``exchange_spec`` (a spec string; default: the run's own)."""
+  """The run's ViT with ``exchange_spec`` (a spec string; default: the run's own);
+  a run started from a pretrained model has its architecture (``vit_pretrained``)."""
+  if cfg.get("model"):
+    return vit_pretrained.model_config(cfg, exchanges.from_config(cfg, exchange_spec))
   return vit.ViTConfig(variant=cfg.variant, image_size=cfg.image_size,
                        channels=cfg.channels, num_classes=cfg.num_classes,
                        class_token=cfg.class_token,
@@ -33,7 +36,9 @@ def build(model_cfg: vit.ViTConfig, seed: int = 0) -> vit.ViT:
 
 
 def prepare(images: np.ndarray, cfg: ml_collections.ConfigDict, patch: int) -> jnp.ndarray:
-  """uint8 [B, H, W, C] -> normalised patches [B, N, p*p*C]."""
+  """uint8 [B, H, W, C] -> normalised patches [B, N, p*p*C] (upsampled by
+  ``cfg.upsample`` if the config has it, then padded to ``cfg.image_size``)."""
+  images = data.upsample(images, cfg.get("upsample", 1))
   x = data.normalize(data.pad_to(images, cfg.image_size), cfg.dataset)
   return vit.patchify(jnp.asarray(x), patch)
 
