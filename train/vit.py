@@ -2,6 +2,7 @@
 
   --config NAME      a module in configs/ with get_config() (default vit_fashion_mnist)
   --workdir DIR      config.json, checkpoints/, metrics.jsonl; rerunning resumes
+                     (one trainer at a time: a second one is refused, naming the first)
   --init-from SRC    start from another run's weights (ASTRA fine-tuning: with
                      --config.exchange=vq the codebooks start from k-means on
                      that model's own K/V), or a pretrained image model: hf:DIR
@@ -63,6 +64,7 @@ def main(argv=None):
       raise ValueError(f"--config.batch_size={cfg.batch_size} is more than the "
                        f"{len(train_split.labels)} training images; pass a smaller one")
     mesh = mesh_lib.seq_mesh_or_none(args.mesh)
+    workdir.lock(args.workdir)  # inputs checked; the first write: one trainer per folder
     ckpt = checkpoint.Checkpointer(workdir.checkpoint_dir(args.workdir),
                                    save_every=cfg.checkpoint_every)
     positions = jnp.arange(model_cfg.num_patches)
