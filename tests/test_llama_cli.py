@@ -2,13 +2,15 @@
 config) on a tiny generated text with the nano model."""
 
 import json
+import os
+import re
 
 import pytest
 
 from astra_jax.run import config
 from astra_jax.models import gpt2, llama
 from astra_jax.run.tasks import lm
-from cli_helpers import assert_clean_errors, last_json, run, write_corpus
+from cli_helpers import assert_clean_errors, last_json, run, stderr_lines, write_corpus
 
 TINY = ["--config.variant=nano", "--config.context=32", "--config.batch_size=4",
         "--config.log_every=5", "--config.warmup_steps=2", "--config.eval_windows=4",
@@ -54,7 +56,16 @@ def test_vq_finetune_eval_and_generation(exact_run, corpus, tmp_path):
   result = last_json(proc)
   assert "k-means" in proc.stdout and result["exchange"] == "vq"
   assert result["bits_per_token"] == 16 and result["family"] == "llama"
-  evaluated = last_json(run("infer.llama", f"--workdir={vq_dir}", "--mesh=4", "--eval"))
+  # what a user waits for is announced on stdout, before the closing JSON line
+  cache = re.escape(os.path.join(os.environ["ASTRA_CACHE_DIR"], "codebooks", ""))  # conftest's
+  assert re.search(rf"^codebooks: k-means (saved to|loaded from) {cache}", proc.stdout, re.M)
+  assert re.search(r"^compiled the training step in \d+\.\d s$", proc.stdout, re.M)
+  proc = run("infer.llama", f"--workdir={vq_dir}", "--mesh=4", "--eval")
+  evaluated = last_json(proc)
+  assert re.search(r"^compiled the evaluation forward in \d+\.\d s$", proc.stdout, re.M)
+  assert re.search(r"^compiled the forward again for its bytes per device in \d+\.\d s$",
+                   proc.stdout, re.M)
+  assert stderr_lines(proc) == []
   assert evaluated["perplexity"] == pytest.approx(result["perplexity"], rel=1e-5)
   assert evaluated["bytes_per_device"] == evaluated["bytes_per_device_formula"]
   gen = run("infer.llama", f"--workdir={vq_dir}", "--mesh=4", "--prompt", "To be, or",
@@ -62,6 +73,9 @@ def test_vq_finetune_eval_and_generation(exact_run, corpus, tmp_path):
   out = last_json(gen)
   assert out["new_tokens"] == 12 and gen.stdout.startswith("To be, or")
   assert out["completion"] in gen.stdout
+  # generation's compiles are said on stderr (stdout is the text), before it streams
+  assert [re.sub(r"\d+\.\d s$", "N s", line) for line in stderr_lines(gen)] == [
+      "compiled the prefill in N s", "compiled the decode step in N s"]
 
 
 def test_bad_input_gives_clear_errors(exact_run, corpus, tmp_path):

@@ -1,14 +1,19 @@
 """The evaluation forward every CLI uses: a model at P devices, jitted, with
-its inputs' placement (sequence-parallel, or tensor-parallel over ``tp``)."""
+its inputs' placement (sequence-parallel, or tensor-parallel over ``tp``);
+and ``timed_compile`` / ``say_compiled``, which tell a user waiting for a big
+compile how long it took."""
 
 from __future__ import annotations
 
 import dataclasses
+import sys
+import time
 from typing import Any, Callable
 
 import jax
 from flax import nnx
 from jax.sharding import Mesh
+from tqdm import tqdm
 
 from astra_jax.parallel import mesh as mesh_lib
 from astra_jax.parallel.apply import sequence_apply, split_model
@@ -54,3 +59,34 @@ def inference_forward(model: nnx.Module, mesh_size: int, *, out_seq_dim: Any = N
                         out_seq_dim=out_seq_dim)
   params, rest = mesh_lib.replicate((params, rest), mesh)
   return Forward(jax.jit(fn), params, rest, mesh, tensor)
+
+
+def timed_compile(jitted: Callable, what: str, *, stderr: bool = False) -> Callable:
+  """``jitted`` that says ``compiled WHAT in N s`` at its first call (``say_compiled``).
+
+  That call compiles ahead of time (``jitted.lower(*args).compile()``), to time
+  the compile alone, then calls ``jitted``, which finds the executable in jax's
+  cache: nothing compiles twice.  Later calls go straight to ``jitted``.
+  """
+  first = True
+
+  def call(*args):
+    nonlocal first
+    if first:
+      first = False
+      start = time.perf_counter()
+      jitted.lower(*args).compile()
+      say_compiled(what, time.perf_counter() - start, stderr=stderr)
+    return jitted(*args)
+
+  return call
+
+
+def say_compiled(what: str, seconds: float, *, stderr: bool = False) -> None:
+  """Prints ``compiled WHAT in N s`` (process 0) on stdout, before a CLI's closing
+  JSON line, or on stderr with ``stderr``, where stdout is the output itself (as
+  generated text is).  Written through tqdm: an open progress bar is not torn."""
+  if jax.process_index() == 0:
+    out = sys.stderr if stderr else sys.stdout
+    tqdm.write(f"compiled {what} in {seconds:.1f} s", file=out)
+    out.flush()

@@ -7,16 +7,25 @@ records each attention layer's K and V, and fits one grouped codebook per
 layer for K and one for V.  The result is cached on disk under a hash of
 everything it depends on (``astra_jax.run.codebook_cache``): the same model,
 calibration batches, seed and (G, K) load it instead of fitting again.
+
+A calibration that has run ``QUIET_S`` seconds shows its progress on stderr:
+a bar over the recording forwards, then one over the layers k-means fits
+(SmolLM2-135M on 2 busy CPU cores: 16 forwards of ~20 s, then 30 layers of
+~22 s).  Tiny ones stay quiet.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Iterable
+import threading
+import time
+from typing import Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from tqdm import tqdm
 
 from astra_jax.core import quantizer as vq
 from astra_jax.core.attention import attention_layers
@@ -24,8 +33,36 @@ from astra_jax.core.exchange import VQExchange, VQState
 from astra_jax.run import codebook_cache
 
 
-def record_kv(model: nnx.Module, batches: Iterable[tuple], max_tokens: int) -> list[tuple]:
-  """Runs ``model(*batch)`` on one device; returns per-layer ([N, D] keys, [N, D] values)."""
+QUIET_S = 5.0  # seconds a calibration runs before its progress bars appear
+
+
+@contextlib.contextmanager
+def _progress(started: float | None, **kw) -> Iterator[tqdm]:
+  """A tqdm bar on stderr (process 0) that appears once ``QUIET_S`` seconds have
+  passed since ``started`` (a ``time.monotonic()``; None: since now), drawn by a
+  timer then, not at the first update after it (one SmolLM2 forward: ~20 s)."""
+  waited = 0.0 if started is None else time.monotonic() - started
+  delay = max(0.0, QUIET_S - waited)
+  with tqdm(delay=delay, disable=jax.process_index() != 0, **kw) as bar:
+    if not delay:  # drawn already
+      yield bar
+      return
+    timer = threading.Timer(delay, bar.refresh)
+    timer.daemon = True
+    timer.start()
+    try:
+      yield bar
+    finally:
+      timer.cancel()
+      timer.join()  # before the bar closes: no redraw after its last line
+
+
+def record_kv(model: nnx.Module, batches: Iterable[tuple], max_tokens: int, *,
+              started: float | None = None) -> list[tuple]:
+  """Runs ``model(*batch)`` on one device; returns per-layer ([N, D] keys, [N, D] values).
+
+  ``started``: when the calibration began, for its progress bar (``_progress``).
+  """
   layers = attention_layers(model)
   if not layers:
     raise ValueError("the model has no SequenceAttention layers to calibrate")
@@ -35,15 +72,19 @@ def record_kv(model: nnx.Module, batches: Iterable[tuple], max_tokens: int) -> l
   for layer in layers:
     layer.record_kv = True
   seen = 0
-  for batch in batches:
-    model(*batch)
-    for i, layer in enumerate(layers):
-      k, v, _, _ = layer.recorded.get_value()
-      ks[i].append(k.reshape(-1, k.shape[-2] * k.shape[-1]))
-      vs[i].append(v.reshape(-1, v.shape[-2] * v.shape[-1]))
-    seen += ks[0][-1].shape[0]
-    if seen >= max_tokens:
-      break
+  total = len(batches) if isinstance(batches, (list, tuple)) else None
+  with _progress(started, total=total, desc="calibration forwards", unit="batch") as bar:
+    for batch in batches:
+      model(*batch)
+      for i, layer in enumerate(layers):
+        k, v, _, _ = layer.recorded.get_value()
+        ks[i].append(k.reshape(-1, k.shape[-2] * k.shape[-1]))
+        vs[i].append(v.reshape(-1, v.shape[-2] * v.shape[-1]))
+      jax.block_until_ready((ks[-1][-1], vs[-1][-1]))  # the bar counts finished forwards
+      bar.update()
+      seen += ks[0][-1].shape[0]
+      if seen >= max_tokens:
+        break
   for layer in layers:
     layer.record_kv = False
     del layer.recorded
@@ -85,16 +126,23 @@ def take_batches(model: nnx.Module, batches: Iterable[tuple], max_tokens: int) -
   return taken
 
 
-def fit_codebooks(layers: list, samples: list[tuple], key: jax.Array, iters: int) -> list[VQState]:
+def fit_codebooks(layers: list, samples: list[tuple], key: jax.Array, iters: int, *,
+                  started: float | None = None) -> list[VQState]:
   """Per layer, k-means codebooks for its keys and its values (``samples``: per
-  layer ([N, D] keys, [N, D] values), as ``record_kv`` returns them)."""
+  layer ([N, D] keys, [N, D] values), as ``record_kv`` returns them).
+
+  ``started``: when the calibration began, for its progress bar (``_progress``).
+  """
   fit = jax.jit(vq.kmeans_init, static_argnums=(2, 3, 4))
   states = []
-  for layer, (k, v), layer_key in zip(layers, samples, jax.random.split(key, len(layers))):
-    ex = layer.exchange
-    kk, kv = jax.random.split(layer_key)
-    states.append(VQState(fit(kk, k, ex.groups, ex.codebook_size, iters),
-                          fit(kv, v, ex.groups, ex.codebook_size, iters)))
+  with _progress(started, total=len(layers), desc="kmeans codebooks", unit="layer") as bar:
+    for layer, (k, v), layer_key in zip(layers, samples, jax.random.split(key, len(layers))):
+      ex = layer.exchange
+      kk, kv = jax.random.split(layer_key)
+      states.append(jax.block_until_ready(  # the bar counts finished layers
+          VQState(fit(kk, k, ex.groups, ex.codebook_size, iters),
+                  fit(kv, v, ex.groups, ex.codebook_size, iters))))
+      bar.update()
   return states
 
 
@@ -109,6 +157,7 @@ def kmeans_codebooks(model: nnx.Module, batches: Iterable[tuple], key: jax.Array
   skips both the recording forwards and k-means; its codebooks are bit for bit
   those k-means computes.
   """
+  started = time.monotonic()
   layers = attention_layers(model)
   exchanges = {type(m.exchange) for m in layers}
   if exchanges != {VQExchange}:
@@ -125,9 +174,16 @@ def kmeans_codebooks(model: nnx.Module, batches: Iterable[tuple], key: jax.Array
       for layer, state in zip(layers, states):
         layer.state.set_value(state)
       codebook_cache.say(f"codebooks: k-means loaded from {path}")
+      codebook_cache.note("(fitted by an earlier run on the same weights, data and settings; "
+                          f"to fit again, delete the file or set {codebook_cache.ENV}=off)")
       return
-  states = fit_codebooks(layers, record_kv(model, batches, max_tokens), key, iters)
+  samples = record_kv(model, batches, max_tokens, started=started)
+  states = fit_codebooks(layers, samples, key, iters, started=started)
   for layer, state in zip(layers, states):
     layer.state.set_value(state)
   if path and codebook_cache.save(path, states):
-    codebook_cache.say(f"codebooks: k-means saved to {path}")
+    codebook_cache.say(f"codebooks: k-means saved to {path} after "
+                       f"{time.monotonic() - started:.1f} s; the next run on the same weights, "
+                       "data and settings loads it instead of fitting "
+                       f"({codebook_cache.ENV} picks the folder, ={codebook_cache.OFF} turns "
+                       "the cache off)")

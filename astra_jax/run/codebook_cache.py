@@ -218,6 +218,11 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
+def note(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
+
+
 def warn(message: str) -> None:
   if jax.process_index() == 0:
     print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from astra_jax.parallel import apply, mesh as mesh_lib
+from astra_jax.parallel import apply, forward, mesh as mesh_lib
 from astra_jax.core import attention
 
 
@@ -51,7 +51,8 @@ def prefill(model: nnx.Module, tokens: jnp.ndarray, mesh_size: int):
     run = mesh_lib.sequence_parallel(body, mesh, in_seq_dims=(None, None, 1, 0),
                                      out_seq_dims=(1, 0))
     tokens, positions = mesh_lib.to_global((tokens, jnp.arange(t)), mesh, (1, 0))
-    logits, views = jax.jit(run)(params, rest, tokens, positions)
+    run = forward.timed_compile(jax.jit(run), "the prefill", stderr=True)
+    logits, views = run(params, rest, tokens, positions)
   return logits, views
 
 
@@ -74,11 +75,14 @@ def _pad_cache(views, device: int, cache_len: int):
 def generate(model: nnx.Module, prompt: list[int], max_new_tokens: int, *, mesh_size: int,
              context: int, temperature: float = 0.0, key: jax.Array | None = None,
              pad_id: int = 0) -> Iterator[int]:
-  """Yields new token ids: ASTRA prefill on ``mesh_size`` devices, cached decode on one.
+  """New token ids: ASTRA prefill on ``mesh_size`` devices, cached decode on one.
 
   temperature 0 is greedy.  Raises ValueError when prompt + new tokens exceed
-  the model's context.  Across processes every process joins the prefill;
-  only the one owning ``decode_device`` yields tokens (the others yield none).
+  the model's context.  The prefill and the decode step's compile run in this
+  call (each compile says its time on stderr), before the first token is
+  taken from the iterator, so those lines never land inside streamed text.
+  Across processes every process joins the prefill; only the one owning
+  ``decode_device`` yields tokens (the others yield none).
   """
   n = len(prompt)
   if n == 0:
@@ -91,21 +95,30 @@ def generate(model: nnx.Module, prompt: list[int], max_new_tokens: int, *, mesh_
   tokens = jnp.asarray([list(prompt) + [pad_id] * (padded - n)], jnp.int32)
   logits, views = prefill(model, tokens, mesh_size)
   owner = decode_device(mesh_size, n)
-  if owner.process_index != jax.process_index():
-    return
+  if owner.process_index != jax.process_index() or max_new_tokens <= 0:
+    return iter(())
   device, block = (n - 1) // (padded // mesh_size), padded // mesh_size
   cache = _pad_cache(views, device, context)
-  step = _decode_step(model, owner)
+  step = forward.timed_compile(_decode_step(model, owner), "the decode step", stderr=True)
   last = mesh_lib.local_block(logits, 1, device)[:, n - 1 - device * block]
   key = key if key is not None else jax.random.PRNGKey(0)
-  for i in range(max_new_tokens):
+  key, sub = jax.random.split(key)
+  token = _sample(last, temperature, sub)
+  logits = None
+  if max_new_tokens > 1:  # the first decode step (and its compile) here, not mid-stream
+    logits, cache = step(token[:, None], jnp.asarray([n], jnp.int32), cache)
+  return _stream(step, token, logits, cache, n, max_new_tokens, temperature, key)
+
+
+def _stream(step, token, logits, cache, n, max_new_tokens, temperature, key) -> Iterator[int]:
+  """Yields ``token``, then samples and decodes the rest (``logits``: after ``token``)."""
+  yield int(token[0])
+  for i in range(1, max_new_tokens):
     key, sub = jax.random.split(key)
-    token = _sample(last, temperature, sub)
+    token = _sample(logits[:, 0], temperature, sub)
     yield int(token[0])
-    if i + 1 == max_new_tokens:
-      break
-    logits, cache = step(token[:, None], jnp.asarray([n + i], jnp.int32), cache)
-    last = logits[:, 0]
+    if i + 1 < max_new_tokens:
+      logits, cache = step(token[:, None], jnp.asarray([n + i], jnp.int32), cache)
 
 
 def _sample(logits, temperature, key):

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 import jax
 from flax import nnx
 
-from astra_jax.parallel import apply
+from astra_jax.parallel import apply, forward
 from astra_jax.run import calibrate, training, workdir
 from astra_jax.io import checkpoint
 from astra_jax.parallel import mesh as mesh_lib
@@ -58,10 +58,10 @@ def train(model: nnx.Module, tx, *, cfg, run: str, mesh, ckpt: checkpoint.Checkp
   state = training.resume(ckpt, training.init_state(params, rest, tx), run)
   workdir.save_config(run, cfg)
   state = mesh_lib.replicate(training.owned(state), mesh)  # the step donates it
-  step_fn = training.make_train_step(
+  step_fn = forward.timed_compile(training.make_train_step(
       apply.sequence_apply(graphdef, mesh, in_seq_dims=(1, 0), train=True,
                            out_seq_dim=out_seq_dim),
-      training.classification_loss, tx)
+      training.classification_loss, tx), "the training step")
   # each process puts only its own slice of every batch on its devices
   placed = lambda step: mesh_lib.to_global(batch_fn(step), mesh, ((1, 0), out_seq_dim))
   try:

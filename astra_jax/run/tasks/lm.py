@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -168,10 +169,10 @@ def evaluate(model: nnx.Module, cfg, model_cfg: ModelConfig, ids: np.ndarray,
   fwd = forward.inference_forward(model, mesh_size, out_seq_dim=1, tensor=tensor)
   positions = jnp.arange(cfg.context)
 
-  @jax.jit
   def nll(params, rest, inputs, positions, targets):
     logits, rest, _ = fwd.fn(params, rest, inputs, positions)
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum(), rest
+  nll = forward.timed_compile(jax.jit(nll), "the evaluation forward")
 
   total, count = 0.0, 0
   rest = fwd.rest
@@ -184,6 +185,7 @@ def evaluate(model: nnx.Module, cfg, model_cfg: ModelConfig, ids: np.ndarray,
   kv_dim, layers = exchanged_shape(model_cfg)
   one = jax.ShapeDtypeStruct((1, cfg.context), jnp.int32)
   example = (fwd.fn, (fwd.params, rest, one, positions))
+  start = time.perf_counter()  # the summary compiles fwd.fn alone for its HLO
   if tensor:
     summary = traffic.tensor_summary(*example, model_cfg.sync, layers=layers,
                                      values=cfg.context * model_width(model_cfg),
@@ -191,6 +193,8 @@ def evaluate(model: nnx.Module, cfg, model_cfg: ModelConfig, ids: np.ndarray,
   else:
     summary = traffic.exchange_summary(*example, model_cfg.exchange, width=kv_dim,
                                        layers=layers, tokens=cfg.context, mesh_size=mesh_size)
+  forward.say_compiled("the forward again for its bytes per device",
+                       time.perf_counter() - start)
   loss = total / count
   return {
       "perplexity": math.exp(loss), "loss": loss, "tokens": count, **summary,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
@@ -86,10 +87,10 @@ def evaluate(model: nnx.Module, cfg, model_cfg: vit.ViTConfig, split: data.Image
   fwd = forward.inference_forward(model, mesh_size, tensor=tensor)
   positions = jnp.arange(model_cfg.num_patches)
 
-  @jax.jit
   def hits(params, rest, patches, positions, labels):
     logits, rest, _ = fwd.fn(params, rest, patches, positions)
     return jnp.sum(jnp.argmax(logits, -1) == labels), rest
+  hits = forward.timed_compile(jax.jit(hits), "the evaluation forward")
 
   correct = 0
   rest = fwd.rest
@@ -104,6 +105,7 @@ def evaluate(model: nnx.Module, cfg, model_cfg: vit.ViTConfig, split: data.Image
                               model_cfg.patch ** 2 * model_cfg.channels), jnp.float32)
   width, layers = model_cfg.sizes[:2]
   example = (fwd.fn, (fwd.params, rest, one, positions))
+  start = time.perf_counter()  # the summary compiles fwd.fn alone for its HLO
   if tensor:  # the patches and the one class token, every all-reduce
     summary = traffic.tensor_summary(*example, model_cfg.sync, layers=layers,
                                      values=(model_cfg.num_patches + 1) * width,
@@ -113,6 +115,8 @@ def evaluate(model: nnx.Module, cfg, model_cfg: vit.ViTConfig, split: data.Image
                                        layers=layers, tokens=model_cfg.num_patches,
                                        mesh_size=mesh_size,
                                        extra_formula_bytes=4 * model_cfg.num_classes)
+  forward.say_compiled("the forward again for its bytes per device",
+                       time.perf_counter() - start)
   return {
       "accuracy": correct / len(split.labels),
       "examples": int(len(split.labels)), **summary,
