@@ -94,6 +94,12 @@ def _parsed(path: str, size: int, mtime_ns: int) -> "gguf.GGUFFile":
   return gguf.GGUFFile(path)
 
 
+def gguf_metadata(source: Source) -> dict:
+  """A GGUF checkpoint's metadata (key -> value; parsed once per file), e.g. its
+  ``tokenizer.chat_template``."""
+  return _gguf_file(source.path).metadata
+
+
 def _hf_config(source: Source) -> dict:
   return hf.read_config(source.path)  # HFImportError naming the fix when missing or broken
 

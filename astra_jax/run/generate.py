@@ -7,6 +7,12 @@ exact plus the other devices' blocks as its exchange delivered them (decoded
 codes for ``vq``), which is what ASTRA does.  Padding past the prompt sits at
 positions the decoder overwrites before it can attend to them (attention masks
 by position), so it never leaks into the output.
+
+``Generator`` holds a model's jitted prefill and decode step and its placed
+weights, so a server compiles each once: the prefill once per padded prompt
+length (a server pads to a few bucket lengths), the decode step once per
+decoding device (its cache always has ``context`` slots).  ``generate`` makes
+one for a single prompt, as the CLIs do.
 """
 
 from __future__ import annotations
@@ -21,18 +27,103 @@ from astra_jax.parallel import apply, forward, mesh as mesh_lib
 from astra_jax.core import attention
 
 
-def prefill(model: nnx.Module, tokens: jnp.ndarray, mesh_size: int):
-  """tokens [B, T] (T % mesh_size == 0) -> (logits [B, T, V], views).
+class Generator:
+  """``model``'s prefill at ``mesh_size`` devices and its cached decode, compiled
+  once each and kept (a snapshot of the model's weights and codebooks).
 
-  ``views`` has, per layer, (k, v) of shape [P, B, T, H, Dh]: entry d is the
-  whole sequence's K/V as device d saw it (its block exact, the others as the
-  exchange delivered them).
+  ``prefill_prompt`` pads a prompt to ``length`` (a multiple of the mesh size;
+  default the next one) and prefills it; ``decode`` continues from its
+  result; ``generate`` does both.  Each jitted function says its first
+  compile's time on stderr.
   """
-  graphdef, params, rest = apply.split_model(model)
-  mesh = mesh_lib.seq_mesh_or_none(mesh_size)
-  t = tokens.shape[1]
-  mesh_lib.check_divisible(t, mesh_size, what="prompt")
 
+  def __init__(self, model: nnx.Module, *, mesh_size: int, context: int, pad_id: int = 0):
+    self.mesh_size, self.context, self.pad_id = mesh_size, context, pad_id
+    graphdef, params, rest = apply.split_model(model)
+    body = _prefill_body(graphdef)
+    self._mesh = mesh_lib.seq_mesh_or_none(mesh_size)
+    if self._mesh is not None:
+      params, rest = mesh_lib.replicate((params, rest), self._mesh)
+      body = mesh_lib.sequence_parallel(body, self._mesh, in_seq_dims=(None, None, 1, 0),
+                                        out_seq_dims=(1, 0))
+    self._weights = (params, rest)
+    self._prefill = forward.timed_compile(jax.jit(body), "the prefill", stderr=True)
+    self._decode_graphdef, self._decode_state = nnx.split(model)
+    self._step = forward.timed_compile(_decode_step(self._decode_graphdef), "the decode step",
+                                       stderr=True)
+    self._placed: dict[jax.Device, nnx.State] = {}  # the decode weights, per device
+
+  def prefill(self, tokens: jnp.ndarray):
+    """tokens [B, T] (T % mesh_size == 0) -> (logits [B, T, V], views); see ``prefill``."""
+    t = tokens.shape[1]
+    mesh_lib.check_divisible(t, self.mesh_size, what="prompt")
+    inputs = (tokens, jnp.arange(t))
+    if self._mesh is not None:
+      inputs = mesh_lib.to_global(inputs, self._mesh, (1, 0))
+    return self._prefill(*self._weights, *inputs)
+
+  def prefill_prompt(self, prompt: list[int], max_new_tokens: int, length: int | None = None):
+    """(logits, views) of ``prompt`` right-padded to ``length`` tokens (default: the
+    next multiple of the mesh size).  ValueError when the prompt is empty, or it and
+    ``max_new_tokens`` exceed the context, or ``length`` does not fit."""
+    n = len(prompt)
+    if n == 0:
+      raise ValueError("the prompt is empty; give at least one token")
+    if n + max_new_tokens > self.context:
+      raise ValueError(
+          f"prompt ({n} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the model's "
+          f"context of {self.context} tokens; shorten the prompt or ask for fewer tokens")
+    length = length or -(-n // self.mesh_size) * self.mesh_size
+    if not n <= length <= self.context:
+      raise ValueError(f"a prompt of {n} tokens cannot be padded to {length} tokens in a "
+                       f"context of {self.context}")
+    tokens = jnp.asarray([list(prompt) + [self.pad_id] * (length - n)], jnp.int32)
+    return self.prefill(tokens)
+
+  def decode(self, logits, views, prompt_len: int, max_new_tokens: int, *,
+             temperature: float = 0.0, top_p: float = 1.0,
+             key: jax.Array | None = None) -> Iterator[int]:
+    """New token ids after a prefill (``logits``, ``views``) of a ``prompt_len``-token
+    prompt: the device holding its last token samples and decodes on alone.
+
+    temperature 0 is greedy; ``top_p`` < 1 samples from the smallest set of
+    tokens holding that much probability.  The first token and the first
+    decode step (its compile) run in this call, before the iterator is read.
+    Across processes only the process owning that device yields tokens.
+    """
+    n, length = prompt_len, logits.shape[1]
+    owner = decode_device(self.mesh_size, n, length)
+    if owner.process_index != jax.process_index() or max_new_tokens <= 0:
+      return iter(())
+    block = length // self.mesh_size
+    device = (n - 1) // block
+    cache = _pad_cache(views, device, self.context)
+    if owner not in self._placed:
+      self._placed[owner] = jax.device_put(self._decode_state, owner)
+    state = self._placed[owner]
+
+    def step(token, position, cache):
+      return self._step(state, token[:, None], jnp.asarray([position], jnp.int32), cache)
+
+    last = mesh_lib.local_block(logits, 1, device)[:, n - 1 - device * block]
+    key = key if key is not None else jax.random.PRNGKey(0)
+    key, sub = jax.random.split(key)
+    token = _sample(last, temperature, sub, top_p)
+    logits = None
+    if max_new_tokens > 1:  # the first decode step (and its compile) here, not mid-stream
+      logits, cache = step(token, n, cache)
+    return _stream(step, token, logits, cache, n, max_new_tokens, temperature, top_p, key)
+
+  def generate(self, prompt: list[int], max_new_tokens: int, *, temperature: float = 0.0,
+               top_p: float = 1.0, key: jax.Array | None = None,
+               length: int | None = None) -> Iterator[int]:
+    """``prefill_prompt`` then ``decode``: the new token ids."""
+    logits, views = self.prefill_prompt(prompt, max_new_tokens, length)
+    return self.decode(logits, views, len(prompt), max_new_tokens, temperature=temperature,
+                       top_p=top_p, key=key)
+
+
+def _prefill_body(graphdef) -> Callable:
   def body(params, rest, tokens, positions):
     m = nnx.merge(graphdef, params, rest, copy=True)
     m.eval()
@@ -44,21 +135,24 @@ def prefill(model: nnx.Module, tokens: jnp.ndarray, mesh_size: int):
              for layer in attention.attention_layers(m)]
     return logits, views
 
-  if mesh is None:
-    logits, views = body(params, rest, tokens, jnp.arange(t))
-  else:
-    params, rest = mesh_lib.replicate((params, rest), mesh)
-    run = mesh_lib.sequence_parallel(body, mesh, in_seq_dims=(None, None, 1, 0),
-                                     out_seq_dims=(1, 0))
-    tokens, positions = mesh_lib.to_global((tokens, jnp.arange(t)), mesh, (1, 0))
-    run = forward.timed_compile(jax.jit(run), "the prefill", stderr=True)
-    logits, views = run(params, rest, tokens, positions)
-  return logits, views
+  return body
 
 
-def decode_device(mesh_size: int, prompt_len: int) -> jax.Device:
-  """The device holding the prompt's last token (it decodes alone)."""
-  padded = -(-prompt_len // mesh_size) * mesh_size
+def prefill(model: nnx.Module, tokens: jnp.ndarray, mesh_size: int):
+  """tokens [B, T] (T % mesh_size == 0) -> (logits [B, T, V], views).
+
+  ``views`` has, per layer, (k, v) of shape [P, B, T, H, Dh]: entry d is the
+  whole sequence's K/V as device d saw it (its block exact, the others as the
+  exchange delivered them).
+  """
+  mesh_lib.check_divisible(tokens.shape[1], mesh_size, what="prompt")
+  return Generator(model, mesh_size=mesh_size, context=tokens.shape[1]).prefill(tokens)
+
+
+def decode_device(mesh_size: int, prompt_len: int, length: int | None = None) -> jax.Device:
+  """The device holding the prompt's last token (it decodes alone); ``length``: the
+  padded prompt's (default the next multiple of the mesh size)."""
+  padded = length or -(-prompt_len // mesh_size) * mesh_size
   return jax.devices()[(prompt_len - 1) // (padded // mesh_size)]  # mesh order
 
 
@@ -73,8 +167,8 @@ def _pad_cache(views, device: int, cache_len: int):
 
 
 def generate(model: nnx.Module, prompt: list[int], max_new_tokens: int, *, mesh_size: int,
-             context: int, temperature: float = 0.0, key: jax.Array | None = None,
-             pad_id: int = 0) -> Iterator[int]:
+             context: int, temperature: float = 0.0, top_p: float = 1.0,
+             key: jax.Array | None = None, pad_id: int = 0) -> Iterator[int]:
   """New token ids: ASTRA prefill on ``mesh_size`` devices, cached decode on one.
 
   temperature 0 is greedy.  Raises ValueError when prompt + new tokens exceed
@@ -84,55 +178,47 @@ def generate(model: nnx.Module, prompt: list[int], max_new_tokens: int, *, mesh_
   Across processes every process joins the prefill; only the one owning
   ``decode_device`` yields tokens (the others yield none).
   """
-  n = len(prompt)
-  if n == 0:
-    raise ValueError("the prompt is empty; give at least one token")
-  if n + max_new_tokens > context:
-    raise ValueError(
-        f"prompt ({n} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the model's "
-        f"context of {context} tokens; shorten the prompt or ask for fewer tokens")
-  padded = -(-n // mesh_size) * mesh_size
-  tokens = jnp.asarray([list(prompt) + [pad_id] * (padded - n)], jnp.int32)
-  logits, views = prefill(model, tokens, mesh_size)
-  owner = decode_device(mesh_size, n)
-  if owner.process_index != jax.process_index() or max_new_tokens <= 0:
-    return iter(())
-  device, block = (n - 1) // (padded // mesh_size), padded // mesh_size
-  cache = _pad_cache(views, device, context)
-  step = forward.timed_compile(_decode_step(model, owner), "the decode step", stderr=True)
-  last = mesh_lib.local_block(logits, 1, device)[:, n - 1 - device * block]
-  key = key if key is not None else jax.random.PRNGKey(0)
-  key, sub = jax.random.split(key)
-  token = _sample(last, temperature, sub)
-  logits = None
-  if max_new_tokens > 1:  # the first decode step (and its compile) here, not mid-stream
-    logits, cache = step(token[:, None], jnp.asarray([n], jnp.int32), cache)
-  return _stream(step, token, logits, cache, n, max_new_tokens, temperature, key)
+  generator = Generator(model, mesh_size=mesh_size, context=context, pad_id=pad_id)
+  return generator.generate(prompt, max_new_tokens, temperature=temperature, top_p=top_p,
+                            key=key)
 
 
-def _stream(step, token, logits, cache, n, max_new_tokens, temperature, key) -> Iterator[int]:
+def _stream(step, token, logits, cache, n, max_new_tokens, temperature, top_p,
+            key) -> Iterator[int]:
   """Yields ``token``, then samples and decodes the rest (``logits``: after ``token``)."""
   yield int(token[0])
   for i in range(1, max_new_tokens):
     key, sub = jax.random.split(key)
-    token = _sample(logits[:, 0], temperature, sub)
+    token = _sample(logits[:, 0], temperature, sub, top_p)
     yield int(token[0])
     if i + 1 < max_new_tokens:
-      logits, cache = step(token[:, None], jnp.asarray([n + i], jnp.int32), cache)
+      logits, cache = step(token, n + i, cache)
 
 
-def _sample(logits, temperature, key):
+def _sample(logits, temperature, key, top_p=1.0):
   if temperature <= 0:
     return jnp.argmax(logits, -1).astype(jnp.int32)
+  if top_p < 1.0:
+    return _sample_top_p(logits, key, jnp.float32(temperature), jnp.float32(top_p))
   return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
 
 
-def _decode_step(model, device) -> Callable:
-  graphdef, state = nnx.split(model)
-  state = jax.device_put(state, device)
+@jax.jit
+def _sample_top_p(logits, key, temperature, top_p):
+  """Nucleus sampling: only the most likely tokens whose probabilities, summed
+  before each, stay under ``top_p`` (the first always) may be drawn."""
+  logits = logits / temperature
+  ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+  probs = jax.nn.softmax(ordered, axis=-1)
+  kept = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+  cutoff = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
+  logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
+
+def _decode_step(graphdef) -> Callable:
   @jax.jit
-  def step(tokens, positions, cache):
+  def step(state, tokens, positions, cache):
     m = nnx.merge(graphdef, state)
     return m.decode(tokens, positions, cache)
 
