@@ -84,12 +84,27 @@ hf_reference_venv() {
     || echo "setup.sh: could not install torch/transformers into .venv-hf (see .venv-hf.log); the HF parity test will be skipped"
 }
 
+# The chat page's test drives Debian's chromium through chromedriver (selenium).
+# Best effort as root: without them that one test is skipped, naming this fix.
+browser_for_tests() {
+  command -v chromium >/dev/null && command -v chromedriver >/dev/null && return
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup.sh: installing Debian's chromium and chromium-driver for the chat page's test"
+    { apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
+        || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1; }; } \
+      || echo "setup.sh: could not install chromium; the browser test will be skipped"
+  else
+    echo "setup.sh: no chromium/chromedriver (sudo apt-get install chromium chromium-driver); the browser test will be skipped"
+  fi
+}
+
 case "$mode" in
   main)
     need_fashion_mnist
     exec .venv/bin/python -m train.vit --mesh=4 "$@" ;;
   test)
     hf_reference_venv
+    browser_for_tests
     # two workers (one per core); a file's tests stay on one worker, so its module
     # fixtures (trained runs, the SmolLM2 reference) are built once; slowest printed
     exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 "$@" ;;

@@ -3,7 +3,8 @@ chat template) served on 127.0.0.1 by a subprocess, driven with the official
 ``openai`` client and with ``curl``: greedy text equals ``infer.llama``'s for the
 same prompt, streams equal whole responses, bad requests get OpenAI's error
 shape while the server goes on, 12 concurrent requests each get their own
-answer, and after warm-up no request compiles.  One server per module; it is
+answer, after warm-up no request compiles, and the chat page streams a reply in
+Debian's chromium (headless, via selenium).  One server per module; it is
 stopped at the end however the tests went.  The HTTP layer's details (every
 error, the queue, 503) are in tests/test_serve_app.py."""
 
@@ -12,6 +13,7 @@ import json
 import os
 import pathlib
 import queue
+import shutil
 import subprocess
 import sys
 import threading
@@ -246,3 +248,46 @@ def test_start_up_errors_are_one_line(server, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and out == "", err
     assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+
+
+def test_chat_page_streams_in_a_real_browser(server, tmp_path):
+  """Debian's chromium, headless, through chromedriver: type a prompt, wait for the
+  streamed reply and its line of timings and plan, keep a screenshot."""
+  webdriver = pytest.importorskip("selenium.webdriver")
+  browser, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
+  if not (browser and driver_bin):
+    pytest.skip("needs Debian's chromium and chromium-driver: apt-get install chromium "
+                "chromium-driver (bash setup.sh test does it as root)")
+  from selenium.webdriver.chrome.service import Service
+  from selenium.webdriver.common.by import By
+  from selenium.webdriver.support.ui import WebDriverWait
+  options = webdriver.ChromeOptions()
+  options.binary_location = browser
+  for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+               "--no-first-run", "--disable-background-networking", "--disable-sync",
+               "--disable-component-update", "--window-size=1000,760",
+               f"--user-data-dir={tmp_path / 'profile'}"):
+    options.add_argument(flag)
+  driver = webdriver.Chrome(service=Service(driver_bin), options=options)
+  try:
+    driver.set_page_load_timeout(60)
+    driver.get(server[0] + "/")
+    WebDriverWait(driver, 60).until(lambda d: "mesh 2" in d.find_element(By.ID, "model").text)
+    tokens = driver.find_element(By.ID, "max-tokens")  # the page's 128 passes the tiny window
+    tokens.clear()
+    tokens.send_keys(str(NEW))
+    driver.find_element(By.ID, "prompt").send_keys(PROMPT)
+    driver.find_element(By.ID, "send").click()
+    WebDriverWait(driver, 180).until(
+        lambda d: "tokens/s" in d.find_element(By.ID, "log").text
+        or d.find_elements(By.CSS_SELECTOR, "#log .error"))
+    turns = driver.find_elements(By.CSS_SELECTOR, "#log .turn")
+    assert [t.get_attribute("class") for t in turns] == ["turn user", "turn assistant"]
+    assert turns[0].text == PROMPT and turns[1].text.strip(), [t.text for t in turns]
+    stats = driver.find_element(By.CSS_SELECTOR, "#log .stats").text
+    assert "time to first token" in stats and "plan:" in stats and "exchange=" in stats, stats
+    shots = ROOT / "results" / "tmp_browser"  # git ignores results/tmp*/
+    shots.mkdir(parents=True, exist_ok=True)
+    assert driver.save_screenshot(str(shots / "serve_chat.png"))
+  finally:
+    driver.quit()
