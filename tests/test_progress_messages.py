@@ -48,14 +48,14 @@ def test_a_bar_is_drawn_at_quiet_s_before_its_first_update(capsys, monkeypatch):
   """One slow step (a SmolLM2 forward: ~20 s) does not keep the bar hidden past QUIET_S;
   a phase done before QUIET_S draws nothing."""
   monkeypatch.setattr(calibrate, "QUIET_S", 0.05)
-  with calibrate._progress(None, total=2, desc="slow", unit="batch") as bar:
+  with calibrate.delayed_bar(None, total=2, desc="slow", unit="batch") as bar:
     time.sleep(0.5)
     drawn = capsys.readouterr().err
     bar.update(2)
   assert re.search(r"slow:\s+0%\|.*\| 0/2 \[", drawn), drawn
   assert re.search(r"slow: 100%\|.*\| 2/2 \[", capsys.readouterr().err)
   monkeypatch.setattr(calibrate, "QUIET_S", 5.0)
-  with calibrate._progress(None, total=2, desc="quick", unit="batch") as bar:
+  with calibrate.delayed_bar(None, total=2, desc="quick", unit="batch") as bar:
     bar.update(2)
   assert capsys.readouterr().err == ""
 

@@ -37,7 +37,7 @@ QUIET_S = 5.0  # seconds a calibration runs before its progress bars appear
 
 
 @contextlib.contextmanager
-def _progress(started: float | None, **kw) -> Iterator[tqdm]:
+def delayed_bar(started: float | None, **kw) -> Iterator[tqdm]:
   """A tqdm bar on stderr (process 0) that appears once ``QUIET_S`` seconds have
   passed since ``started`` (a ``time.monotonic()``; None: since now), drawn by a
   timer then, not at the first update after it (one SmolLM2 forward: ~20 s)."""
@@ -61,7 +61,7 @@ def record_kv(model: nnx.Module, batches: Iterable[tuple], max_tokens: int, *,
               started: float | None = None) -> list[tuple]:
   """Runs ``model(*batch)`` on one device; returns per-layer ([N, D] keys, [N, D] values).
 
-  ``started``: when the calibration began, for its progress bar (``_progress``).
+  ``started``: when the calibration began, for its progress bar (``delayed_bar``).
   """
   layers = attention_layers(model)
   if not layers:
@@ -73,7 +73,7 @@ def record_kv(model: nnx.Module, batches: Iterable[tuple], max_tokens: int, *,
     layer.record_kv = True
   seen = 0
   total = len(batches) if isinstance(batches, (list, tuple)) else None
-  with _progress(started, total=total, desc="calibration forwards", unit="batch") as bar:
+  with delayed_bar(started, total=total, desc="calibration forwards", unit="batch") as bar:
     for batch in batches:
       model(*batch)
       for i, layer in enumerate(layers):
@@ -131,11 +131,11 @@ def fit_codebooks(layers: list, samples: list[tuple], key: jax.Array, iters: int
   """Per layer, k-means codebooks for its keys and its values (``samples``: per
   layer ([N, D] keys, [N, D] values), as ``record_kv`` returns them).
 
-  ``started``: when the calibration began, for its progress bar (``_progress``).
+  ``started``: when the calibration began, for its progress bar (``delayed_bar``).
   """
   fit = jax.jit(vq.kmeans_init, static_argnums=(2, 3, 4))
   states = []
-  with _progress(started, total=len(layers), desc="kmeans codebooks", unit="layer") as bar:
+  with delayed_bar(started, total=len(layers), desc="kmeans codebooks", unit="layer") as bar:
     for layer, (k, v), layer_key in zip(layers, samples, jax.random.split(key, len(layers))):
       ex = layer.exchange
       kk, kv = jax.random.split(layer_key)

@@ -80,7 +80,10 @@ def use_pretrained(cfg: ml_collections.ConfigDict, spec: str) -> None:
 def load_pretrained(spec: str, target: ModelConfig) -> nnx.Module:
   """The weights of the pretrained model ``spec`` in a model built for ``target``
   (which may differ in its exchange, whose state starts fresh, and its sync)."""
-  loaded_cfg, loaded = pretrained.load(pretrained.parse(spec))
+  # a big checkpoint (SmolLM2's GGUF: ~13 s on 2 cores) shows a bar after a few seconds
+  with calibrate.delayed_bar(None, total=1, desc=f"loading {spec}", unit="model") as bar:
+    loaded_cfg, loaded = pretrained.load(pretrained.parse(spec))
+    bar.update()
   same = dataclasses.replace(target, exchange=loaded_cfg.exchange, sync=loaded_cfg.sync)
   if same != loaded_cfg:
     raise ValueError(f"{spec} does not hold the model this run describes; start a new "
