@@ -41,6 +41,21 @@ def hold(folder):
   return proc
 
 
+def stopped(pid, timeout=30):
+  """Waits until every thread of ``pid`` is stopped: kill() returns before the
+  signal lands, and orbax's writer threads may still finish a write (seen in CI)."""
+  deadline = time.monotonic() + timeout
+  while True:
+    states = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+      with open(f"/proc/{pid}/task/{task}/stat") as f:
+        states.append(f.read().rsplit(")", 1)[1].split()[0])
+    if all(s in "Tt" for s in states):
+      return
+    assert time.monotonic() < deadline, f"process {pid} did not stop: {states}"
+    time.sleep(0.05)
+
+
 def snapshot(folder):
   """Every file and folder under ``folder`` with its size and mtime."""
   seen = {}
@@ -128,6 +143,7 @@ def test_second_trainer_refused_then_killed_ones_folder_taken_over(corpus, tmp_p
       assert time.monotonic() < deadline, "the first trainer saved no checkpoint"
       time.sleep(0.2)
     os.kill(first.pid, signal.SIGSTOP)  # alive and holding the lock, but writing nothing
+    stopped(first.pid)
     before = snapshot(folder)
     second = run("train.gpt2", *args)
     line = assert_one_line_error(

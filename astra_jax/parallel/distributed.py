@@ -112,6 +112,7 @@ def initialize(args: argparse.Namespace, mesh_size: int) -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   if args.num_processes is not None:
     _guard_stderr(args.process_id, args.num_processes)
+  _drop_runtime_stdout()
   import jax
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   options = dict(initialization_timeout=args.init_timeout, heartbeat_timeout_seconds=HEARTBEAT_S,
@@ -131,6 +132,23 @@ def initialize(args: argparse.Namespace, mesh_size: int) -> None:
   if len(jax.devices()) != mesh_size:
     raise ValueError(f"--mesh={mesh_size} but the {jax.process_count()} processes have "
                      f"{len(jax.devices())} devices in all; the mesh must span every device")
+
+
+def _drop_runtime_stdout() -> None:
+  """Python keeps this process's stdout; what the C++ runtime writes to fd 1 is
+  dropped: gloo prints ``[Gloo] Rank R is connected to P peer ranks ...`` there
+  from its own threads, in the middle of a line of ours and sometimes two at
+  once, interleaved character by character (seen in CI), which no line filter
+  downstream can take apart again."""
+  import io
+  sys.stdout.flush()
+  kept = os.dup(1)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 1)
+  os.close(devnull)
+  sys.stdout = io.TextIOWrapper(os.fdopen(kept, "wb", buffering=0), encoding=sys.stdout.encoding,
+                                errors=sys.stdout.errors, line_buffering=True,
+                                write_through=True)
 
 
 def _guard_stderr(process_id: int, num_processes: int) -> None:
