@@ -100,11 +100,16 @@ def _per_query(x):
   return jnp.moveaxis(x, -1, 1)[..., None]
 
 
-def fold(run: Running | None, q, k, v, mask) -> Running:
+def fold(run: Running | None, q, k, v, mask, bias=None) -> Running:
   """Folds one block of keys k, values v [B, Tk, Hkv, Dh] into ``run``; ``mask``:
-  the visible keys, [Tq, Tk] (every example) or [B, Tq, Tk]."""
+  the visible keys, [Tq, Tk] (every example) or [B, Tq, Tk].  ``bias`` [B, Tk]
+  (float32, optional): added to every query's logit of each key before the
+  softmax (``code_attention``: log n for a key that stands for n tokens)."""
   mask = mask[None] if mask.ndim == 2 else mask
-  logits = jnp.where(mask[:, None, None], grouped_logits(q, k), MASKED)
+  logits = grouped_logits(q, k)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)[:, None, None, None, :]
+  logits = jnp.where(mask[:, None, None], logits, MASKED)
   block_max = logits.max(axis=-1)
   new_max = jax.lax.stop_gradient(
       block_max if run is None else jnp.maximum(run.max, block_max))
