@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from astra_jax.core.dot_product import dot_product_attention  # noqa: F401 (models use it from here)
-from astra_jax.core.exchange import Exchange, ExchangeOut, received_tokens  # noqa: F401
+from astra_jax.core.exchange import FIRST_STEP, Carry, Exchange, ExchangeOut, received_tokens  # noqa: F401
 from astra_jax.core.axes import current_seq_axis
 
 
@@ -35,7 +35,8 @@ def attend(exchange: Exchange, state: Any, q, k, v, *, causal: bool,
            axis_name: str | None = None,
            private: int = 0,
            query_transform: Callable | None = None,
-           key_transform: Callable | None = None) -> tuple[jnp.ndarray, ExchangeOut]:
+           key_transform: Callable | None = None,
+           carry: Carry | None = None) -> tuple[jnp.ndarray, ExchangeOut]:
   """Attention of this device's queries over the whole (split) sequence.
 
   q: [B, Tl, H, Dh], k/v: [B, Tl, Hkv, Dh] for this device's tokens.
@@ -47,14 +48,17 @@ def attend(exchange: Exchange, state: Any, q, k, v, *, causal: bool,
   after the exchange (own block exact, the others as delivered), with global
   positions [Tl] / [T] (private tokens count first); the exchange and its
   output (``ExchangeOut.k``) see the keys untransformed.
+  ``carry``: inside a diffusion sampler, what this layer's exchange kept from
+  the previous step (``exchange.Carry``; None outside a sampler).
   Returns the attention output [B, Tl, H, Dh] and the exchange's output
-  (shared K/V of all devices, new state, auxiliary loss).
+  (shared K/V of all devices, new state, auxiliary loss, the next carry).
   """
   if private and causal:
     raise ValueError("private (per-device) tokens are only supported in bidirectional attention")
   return exchange.attend(state, q, k, v, causal=causal, train=train, key=key,
                          axis_name=axis_name, private=private,
-                         query_transform=query_transform, key_transform=key_transform)
+                         query_transform=query_transform, key_transform=key_transform,
+                         carry=carry)
 
 
 class ExchangeState(nnx.Variable):
@@ -71,6 +75,11 @@ class RecordedKV(nnx.Variable):
   block exact, the rest as the exchange delivered it: a KV cache)."""
 
 
+class StepCarry(nnx.Variable):
+  """While a sampler steps the model (``stepping`` on): what the exchange carries
+  to this layer's next call (``exchange.Carry``)."""
+
+
 class SequenceAttention(nnx.Module):
   """Attention core for models: holds the exchange state, reads the ambient mesh axis.
 
@@ -83,7 +92,10 @@ class SequenceAttention(nnx.Module):
   cache after a sequence-parallel prefill (``astra_jax.run.generate``).
   ``query_transform`` / ``key_transform`` are passed to ``attend`` (hashable
   callables, e.g. a frozen dataclass); recorded keys are untransformed, as
-  they crossed the link.
+  they crossed the link.  With ``stepping=True`` (a diffusion sampler,
+  ``astra_jax.diffusion.sample``) consecutive calls are the steps of one
+  sampling run: the exchange's carry goes from one call to the next in
+  ``self.carried`` (a ``StepCarry``), which the sampler removes at the end.
   """
 
   def __init__(self, exchange: Exchange, kv_dim: int, *, causal: bool,
@@ -99,6 +111,7 @@ class SequenceAttention(nnx.Module):
     self.deterministic = True
     self.loss = ExchangeLoss(jnp.zeros((), jnp.float32))
     self.record_kv = False
+    self.stepping = False
 
   def __call__(self, q, k, v) -> jnp.ndarray:
     train = not self.deterministic
@@ -106,13 +119,27 @@ class SequenceAttention(nnx.Module):
     out, ex = attend(self.exchange, self.state.get_value(), q, k, v,
                      causal=self.causal, train=train, key=key,
                      axis_name=current_seq_axis(), private=self.private,
-                     query_transform=self.query_transform, key_transform=self.key_transform)
+                     query_transform=self.query_transform, key_transform=self.key_transform,
+                     carry=self._carry())
+    if self.stepping:
+      self.carried = StepCarry(ex.carry if ex.carry is not None else FIRST_STEP)
     if train:
       self.state.set_value(ex.state)
     self.loss.set_value(ex.loss)
     if self.record_kv:
       self.recorded = RecordedKV((k[:, self.private:], v[:, self.private:], ex.k, ex.v))
     return out
+
+  def _carry(self) -> Carry | None:
+    if not self.stepping:
+      return None
+    return self.carried.get_value() if hasattr(self, "carried") else FIRST_STEP
+
+  def end_steps(self) -> None:
+    """Leaves stepping mode and drops the carry (a sampling run is over)."""
+    self.stepping = False
+    if hasattr(self, "carried"):
+      del self.carried
 
 
 def attention_layers(model: nnx.Module) -> list[SequenceAttention]:

@@ -18,6 +18,19 @@ strategy.  Strategies here:
          before the ``all_gather`` and decoded by the receiver.
   ring   exact K/V passed device to device around a ring (``ppermute``), with
          blockwise softmax as the blocks arrive (``astra_jax.core.ring``).
+  distrifusion  exact K/V, but attention uses the other devices' K/V from the
+         previous denoising step (stale), so the all-gather can overlap a whole
+         step of compute (DistriFusion, Li et al. 2024); a baseline for DiT.
+
+Across calls (the steps of a diffusion sampler, ``astra_jax.diffusion.sample``)
+a strategy may carry what it received (``Carry``): ``distrifusion`` uses it
+instead of this step's K/V, and ``vq:refresh=k`` re-sends codes only every k
+steps and reuses the decoded K/V in between (no traffic on those steps).
+Calls outside a sampler pass no carry and every strategy exchanges afresh.
+
+Boundary context (``vq:boundary_rows=r``, for images split into bands of
+patch rows, ``row_tokens`` patches per row): the r rows next to a device's
+band arrive exactly from its two neighbours (``ppermute``), the rest as codes.
 
 Overlap (``overlap=true`` on exact or vq, e.g. ``vq:groups=32,overlap=true``):
 ``attend`` issues the layer's all-gather first, then folds this device's own
@@ -38,6 +51,7 @@ from typing import Any, Callable, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from astra_jax.core import code_attention
 from astra_jax.core import noise as noise_lib
 from astra_jax.core import packing
 from astra_jax.core import quantizer as vq
@@ -53,12 +67,31 @@ class ExchangeOut(NamedTuple):
          block is its exact local K/V.
   state: the strategy state after this call (updated only in training).
   loss:  scalar auxiliary loss to add to the training objective (mesh-averaged).
+  carry: what the next step of a sampler gets back (``Carry``; None: nothing).
   """
 
   k: jnp.ndarray
   v: jnp.ndarray
   state: Any
   loss: jnp.ndarray
+  carry: Any = None
+
+
+class Carry(NamedTuple):
+  """What a layer's exchange keeps from one sampler step to the next.
+
+  step:  how many steps this layer has run (a Python int: the sampler's steps
+         are unrolled, so every step traces its own branch).
+  k, v:  the whole sequence [B, P*Ts, Hkv, Dh] as this device last received it
+         (None before the first step).
+  """
+
+  step: int
+  k: Any = None
+  v: Any = None
+
+
+FIRST_STEP = Carry(0)  # what a sampler passes to a layer's first call
 
 
 STRATEGIES = Registry("exchange", "exchange", example="vq:groups=32,codebook_size=1024")
@@ -68,11 +101,18 @@ make_exchange = STRATEGIES.make  # name, **options -> a strategy
 from_spec = STRATEGIES.from_spec  # 'vq:groups=32,codebook_size=1024' -> a strategy
 
 
+# options that change how K/V travel, not what a trained state holds
+_TRANSPORT_OPTIONS = {"drop_rate": 0.0, "overlap": False, "boundary_rows": 0, "row_tokens": 0,
+                      "refresh": 1, "code_attention": False}
+
+
 def same_state(a: "Exchange", b: "Exchange") -> bool:
   """Whether a model trained with exchange ``a`` can reuse its state under ``b``
-  (the same strategy and options; the simulated link loss and the overlap may
-  differ)."""
-  plain = lambda e: dataclasses.replace(e, drop_rate=0.0, overlap=False)
+  (the same strategy and options; the simulated link loss, the overlap, the
+  boundary context, step reuse and codebook-centric attention may differ)."""
+  def plain(e):
+    fields = {f.name for f in dataclasses.fields(e)}
+    return dataclasses.replace(e, **{k: v for k, v in _TRANSPORT_OPTIONS.items() if k in fields})
   return plain(a) == plain(b)
 
 
@@ -133,10 +173,19 @@ class Exchange:
     del mesh_size
     return 1
 
+  def stepped_gather(self, carry: Carry | None, state, k, v, *, axis_name: str | None,
+                     train: bool, key: jax.Array | None) -> ExchangeOut:
+    """``gather`` inside a sampler step (``carry``: this layer's ``Carry``, None
+    outside a sampler): by default every step exchanges afresh and carries
+    nothing."""
+    del carry
+    return self.gather(state, k, v, axis_name=axis_name, train=train, key=key)
+
   def attend(self, state, q, k, v, *, causal: bool, train: bool = False,
              key: jax.Array | None = None, axis_name: str | None = None,
              private: int = 0, query_transform: Callable | None = None,
-             key_transform: Callable | None = None) -> tuple[jnp.ndarray, ExchangeOut]:
+             key_transform: Callable | None = None,
+             carry: Carry | None = None) -> tuple[jnp.ndarray, ExchangeOut]:
     """``attention.attend`` (its docstring has the arguments): ``gather`` the
     shared K/V, then softmax attention over the whole sequence at once (with
     ``overlap``, the own block first, then the rest: ``_attend_overlapped``),
@@ -146,8 +195,8 @@ class Exchange:
       if key is None:
         raise ValueError("a lossy link (drop_rate > 0) needs a PRNG key to draw the losses")
       key, drop_key = jax.random.split(key)
-    out = self.gather(state, k[:, private:], v[:, private:], axis_name=axis_name,
-                      train=train, key=key if train else None)
+    out = self.stepped_gather(carry, state, k[:, private:], v[:, private:],
+                              axis_name=axis_name, train=train, key=key if train else None)
     tl = q.shape[1]
     index = 0 if axis_name is None else jax.lax.axis_index(axis_name)
     q_pos = index * tl + jnp.arange(tl)
@@ -236,6 +285,39 @@ class ExactExchange(Exchange):
 
 @register
 @dataclasses.dataclass(frozen=True)
+class DistriFusionExchange(ExactExchange):
+  """DistriFusion's displaced patch parallelism, as an exchange (a baseline for
+  diffusion samplers): every step all-gathers this step's exact K/V, but
+  attention reads the *previous* step's K/V of the other devices (its own
+  block fresh), so on a backend with async collectives the gather overlaps a
+  whole step of compute.  The first ``warmup`` steps of a sampler attend to
+  fresh K/V (synchronous), as DistriFusion's warm-up does.  The bytes are
+  those of ``exact``; outside a sampler (training, a single forward) it is
+  ``exact``.
+  """
+
+  name: ClassVar[str] = "distrifusion"
+  warmup: int = 1
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.warmup < 1:
+      raise ValueError(f"distrifusion needs warmup >= 1 synchronous step (the first step has "
+                       f"no previous K/V), got warmup={self.warmup}")
+
+  def stepped_gather(self, carry, state, k, v, *, axis_name, train, key):
+    fresh = self.gather(state, k, v, axis_name=axis_name, train=train, key=key)
+    if carry is None or axis_name is None:
+      return fresh
+    following = Carry(carry.step + 1, fresh.k, fresh.v)
+    if carry.step < self.warmup:
+      return fresh._replace(carry=following)
+    return fresh._replace(k=_own_block(carry.k, k, axis_name),
+                          v=_own_block(carry.v, v, axis_name), carry=following)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
 class RingExchange(Exchange):
   """Ring attention (``astra_jax.core.ring``): full-precision K/V blocks forwarded to
   the next device P - 1 times (``ppermute``), attention folded in block by block
@@ -266,8 +348,8 @@ class RingExchange(Exchange):
     return mesh_size - 1
 
   def attend(self, state, q, k, v, *, causal, train=False, key=None, axis_name=None,
-             private=0, query_transform=None, key_transform=None):
-    del train, key
+             private=0, query_transform=None, key_transform=None, carry=None):
+    del train, key, carry
     out, k_all, v_all = ring.ring_attention(
         q, k, v, causal=causal, axis_name=axis_name, private=private,
         query_transform=query_transform, key_transform=key_transform)
@@ -296,6 +378,17 @@ class VQExchange(Exchange):
   ema_decay:       decay of the EMA codebook statistics.
   dead_threshold:  an entry is dead below this fraction of the uniform usage;
                    dead entries are re-seeded every training step.
+  boundary_rows:   r: the r patch rows next to a device's band (from each
+                   neighbour) arrive exactly, by ``ppermute``, the rest as
+                   codes (CoDiT's boundary-aware hybrid context; 0: plain ASTRA).
+  row_tokens:      tokens per patch row (set by the model's task, e.g. a DiT's
+                   grid width); needed when boundary_rows > 0.
+  refresh:         in a sampler, send codes every ``refresh`` steps and reuse
+                   the decoded K/V of the last refresh in between (1: every step).
+  code_attention:  at inference, attend to the other devices' tokens through
+                   their distinct key-code tuples (``astra_jax.core.code_attention``:
+                   a log-count bias and mean values; equal to token-level
+                   attention over the decoded K/V up to float rounding).
 
   In training the sender applies the straight-through estimator and the
   decoded (float) K/V cross the mesh, so the gradient of a receiver's loss
@@ -310,12 +403,111 @@ class VQExchange(Exchange):
   noise_scale: float = 1.0
   ema_decay: float = 0.99
   dead_threshold: float = 0.01
+  boundary_rows: int = 0
+  row_tokens: int = 0
+  refresh: int = 1
+  code_attention: bool = False
 
   def __post_init__(self):
     super().__post_init__()
     packing.code_bits(self.codebook_size)
     if self.groups < 1:
       raise ValueError(f"groups must be >= 1, got {self.groups}")
+    if self.boundary_rows < 0 or self.row_tokens < 0:
+      raise ValueError("boundary_rows and row_tokens must be >= 0")
+    if self.refresh < 1:
+      raise ValueError(f"refresh must be >= 1 (codes re-sent every refresh steps), "
+                       f"got {self.refresh}")
+    if self.code_attention and (self.refresh > 1 or self.overlap):
+      raise ValueError("code_attention works on the codes of the current step: drop refresh "
+                       "and overlap from the spec (or drop code_attention)")
+
+  @property
+  def boundary_tokens(self) -> int:
+    """Tokens each neighbour sends exactly per layer (r rows of ``row_tokens``)."""
+    if self.boundary_rows and not self.row_tokens:
+      raise ValueError("boundary_rows needs row_tokens, the patches per row: the image "
+                       "model's task sets it (e.g. python -m infer.dit)")
+    return self.boundary_rows * self.row_tokens
+
+  def stepped_gather(self, carry, state, k, v, *, axis_name, train, key):
+    if carry is None or axis_name is None or self.refresh == 1:
+      return self.gather(state, k, v, axis_name=axis_name, train=train, key=key)
+    if carry.step % self.refresh == 0:  # a refresh step: codes cross the link
+      got = self.gather(state, k, v, axis_name=axis_name, train=train, key=key)
+      return got._replace(carry=Carry(carry.step + 1, got.k, got.v))
+    return ExchangeOut(_own_block(carry.k, k, axis_name), _own_block(carry.v, v, axis_name),
+                       state, jnp.zeros((), jnp.float32), carry._replace(step=carry.step + 1))
+
+  def attend(self, state, q, k, v, *, causal, train=False, key=None, axis_name=None,
+             private=0, query_transform=None, key_transform=None, carry=None):
+    if not self.code_attention or train or axis_name is None:
+      return super().attend(state, q, k, v, causal=causal, train=train, key=key,
+                            axis_name=axis_name, private=private,
+                            query_transform=query_transform, key_transform=key_transform,
+                            carry=carry)
+    if query_transform is not None or key_transform is not None:
+      raise ValueError("code_attention needs keys attended as they were decoded; this model "
+                       "rotates them by position (RoPE): use it with ViT, GPT-2 or DiT, or "
+                       "drop code_attention")
+    return self._attend_codes(state, q, k, v, causal=causal, key=key, axis_name=axis_name,
+                              private=private)
+
+  def _attend_codes(self, state, q, k, v, *, causal, key, axis_name, private):
+    """Codebook-centric attention (``code_attention``): the exact block (private
+    tokens, this device's tokens and any exact boundary rows) plus the other
+    devices' visible tokens collapsed to their distinct key-code tuples."""
+    b, tl_all, hkv, dh = k.shape
+    ks, vs = k[:, private:], v[:, private:]
+    ts = ks.shape[1]
+    k_side, v_side = self._send(ks, state.k, False), self._send(vs, state.v, False)
+    k_got, v_got = _gather_pair(k_side[-1], v_side[-1], axis_name)
+    codes_k = packing.unpack_codes(k_got, self.groups, self.codebook_size)  # [B, T, G]
+    codes_v = packing.unpack_codes(v_got, self.groups, self.codebook_size)
+    v_dec = vq.decode(codes_v, state.v.entries).astype(v.dtype).reshape(b, -1, hkv, dh)
+    total = codes_k.shape[1]
+    size, index = total // ts, jax.lax.axis_index(axis_name)
+    device = jnp.arange(total) // ts
+    weights = (device < index) if causal else (device != index)
+    weights = jnp.broadcast_to(weights[None], (b, total))
+    if self.drop_rate > 0:
+      if key is None:
+        raise ValueError("a lossy link (drop_rate > 0) needs a PRNG key to draw the losses")
+      drop_key = jax.random.split(key)[1]  # the losses ``Exchange.attend`` would draw
+      weights = weights & received_tokens(drop_key, self.drop_rate, b, total, ts, axis_name)
+    pos = jnp.arange(total)
+    q_pos = index * ts + jnp.arange(tl_all) - private  # (private tokens: bidirectional only)
+    own_pos = jnp.concatenate([jnp.full((private,), -1), index * ts + jnp.arange(ts)])
+    k_exact, v_exact, exact_pos = [k], [v], [own_pos]
+    exact_ok = [jnp.ones((private + ts,), bool)]
+    if self.boundary_rows and size > 1:
+      n = self.boundary_tokens
+      if n > ts:
+        raise ValueError(f"boundary context of {n} tokens is more than a device's band of "
+                         f"{ts} tokens: use fewer boundary_rows (at most the rows of one band)")
+      pair = jnp.stack([ks, vs], axis=2)
+      prev = jax.lax.ppermute(pair[:, ts - n:], axis_name, [(j, j + 1) for j in range(size - 1)])
+      nxt = jax.lax.ppermute(pair[:, :n], axis_name, [(j + 1, j) for j in range(size - 1)])
+      prev_pos, next_pos = index * ts - n + jnp.arange(n), (index + 1) * ts + jnp.arange(n)
+      for got, at, ok in ((prev, prev_pos, index > 0), (nxt, next_pos, index < size - 1)):
+        k_exact.append(got[:, :, 0])
+        v_exact.append(got[:, :, 1])
+        exact_pos.append(at)
+        exact_ok.append(jnp.full((n,), ok))
+        weights = weights & ~(ok & (pos[None] >= at[0]) & (pos[None] <= at[-1]))
+    exact_pos, exact_ok = jnp.concatenate(exact_pos), jnp.concatenate(exact_ok)
+    mask = visible(q_pos, exact_pos, causal) & exact_ok[None]
+    collapsed = code_attention.collapse(
+        codes_k, weights, state.k.entries, v_dec,
+        size=code_attention.enough_slots(total, self.groups, self.codebook_size))
+    out = code_attention.attend(q, jnp.concatenate(k_exact, axis=1),
+                                jnp.concatenate(v_exact, axis=1), mask, collapsed)
+    # every device's K/V as decoded (own block exact), for a KV cache or recording
+    k_all = _own_block(vq.decode(codes_k, state.k.entries).astype(k.dtype),
+                       ks.reshape(b, ts, -1), axis_name)
+    v_all = _own_block(v_dec.reshape(b, total, -1), vs.reshape(b, ts, -1), axis_name)
+    return out, ExchangeOut(k_all.reshape(b, total, hkv, dh), v_all.reshape(b, total, hkv, dh),
+                            state, jnp.zeros((), jnp.float32))
 
   def init_state(self, key, kv_dim):
     vq.check_config(kv_dim, self.groups, self.codebook_size)
@@ -372,5 +564,30 @@ class VQExchange(Exchange):
       codes_all = packing.unpack_codes(got, self.groups, self.codebook_size)
       received = vq.decode(codes_all, cb.entries)
       loss = jnp.zeros((), jnp.float32)
-    full = _own_block(received.astype(x.dtype), flat, axis_name)
+    received = received.astype(x.dtype)
+    if self.boundary_rows:
+      received = _exact_boundary(received, flat, self.boundary_tokens, axis_name)
+    full = _own_block(received, flat, axis_name)
     return full.reshape(b, -1, h, dh), cb, loss
+
+
+def _exact_boundary(full: jnp.ndarray, local: jnp.ndarray, n: int, axis_name: str):
+  """Overwrites, in ``full`` [B, P*Tl, D], the ``n`` tokens of each neighbour
+  next to this device's block with their exact values: the previous device's
+  last n tokens and the next device's first n, each sent by ``ppermute`` (one
+  message per direction; the edge devices have one neighbour)."""
+  tl = local.shape[1]
+  if n > tl:
+    raise ValueError(f"boundary context of {n} tokens is more than a device's band of {tl} "
+                     "tokens: use fewer boundary_rows (at most the rows of one band)")
+  size = jax.lax.axis_size(axis_name)
+  if size == 1:
+    return full
+  index = jax.lax.axis_index(axis_name)
+  from_prev = jax.lax.ppermute(local[:, tl - n:], axis_name,
+                               [(j, j + 1) for j in range(size - 1)])
+  from_next = jax.lax.ppermute(local[:, :n], axis_name, [(j + 1, j) for j in range(size - 1)])
+  with_prev = jax.lax.dynamic_update_slice_in_dim(full, from_prev, index * tl - n, axis=1)
+  full = jnp.where(index > 0, with_prev, full)
+  with_next = jax.lax.dynamic_update_slice_in_dim(full, from_next, (index + 1) * tl, axis=1)
+  return jnp.where(index < size - 1, with_next, full)

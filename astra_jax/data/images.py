@@ -33,6 +33,20 @@ _DATASETS: dict[str, tuple[str, str | None, tuple[str, ...], int]] = {
 }
 _CIFAR_FILES = {"cifar10": {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
                 "cifar100": {"train": ["train"], "test": ["test"]}}
+# Class names, where the data do not carry them (grids label their rows with these).
+CLASS_NAMES = {
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"),
+    "mnist": tuple(str(i) for i in range(10)),
+}
+
+
+def class_name(dataset: str, label: int) -> str:
+    """A readable name for ``label`` of ``dataset`` (its number when unknown)."""
+    names = CLASS_NAMES.get(dataset, ())
+    return names[label] if 0 <= label < len(names) else str(label)
+
+
 # Per-channel (mean, std) of pixels scaled to [0, 1].
 _STATS = {"fashion_mnist": ((0.2860,), (0.3530,)), "mnist": ((0.1307,), (0.3081,)),
           "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),

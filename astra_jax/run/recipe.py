@@ -44,12 +44,15 @@ def start_model(*, init_from: str | None, ckpt: checkpoint.Checkpointer,
 
 def train(model: nnx.Module, tx, *, cfg, run: str, mesh, ckpt: checkpoint.Checkpointer,
           total: int, batch_fn: Callable[[int], tuple[Any, Any]], out_seq_dim: Any,
-          items_per_step: int) -> nnx.Module:
+          items_per_step: int, in_seq_dims: tuple = (1, 0),
+          loss_fn: Callable = training.classification_loss) -> nnx.Module:
   """Resumes from ``ckpt`` (else starts from ``model``), trains to ``total`` steps.
 
-  ``batch_fn(step) -> ((inputs, positions), targets)`` gives host arrays;
-  inputs are split along dim 1, positions along dim 0, targets along
-  ``out_seq_dim`` (the outputs' layout).  Saves ``cfg`` as the run's config.json, logs to metrics.jsonl and returns the
+  ``batch_fn(step) -> ((inputs, positions, ...), targets)`` gives host arrays;
+  each model input is split along its entry of ``in_seq_dims`` (default:
+  inputs along dim 1, positions along dim 0; None: the same on every device),
+  targets along ``out_seq_dim`` (the outputs' layout); ``loss_fn(outputs,
+  targets) -> (loss, metrics)`` (default: classification).  Saves ``cfg`` as the run's config.json, logs to metrics.jsonl and returns the
   trained model.  Raises ``CheckpointError`` (a ValueError naming the fix) when
   no checkpoint is readable, before any step runs, or a save fails, and
   ``training.Stopped`` on SIGINT/SIGTERM or a non-finite loss.
@@ -59,11 +62,11 @@ def train(model: nnx.Module, tx, *, cfg, run: str, mesh, ckpt: checkpoint.Checkp
   workdir.save_config(run, cfg)
   state = mesh_lib.replicate(training.owned(state), mesh)  # the step donates it
   step_fn = forward.timed_compile(training.make_train_step(
-      apply.sequence_apply(graphdef, mesh, in_seq_dims=(1, 0), train=True,
+      apply.sequence_apply(graphdef, mesh, in_seq_dims=in_seq_dims, train=True,
                            out_seq_dim=out_seq_dim),
-      training.classification_loss, tx), "the training step")
+      loss_fn, tx), "the training step")
   # each process puts only its own slice of every batch on its devices
-  placed = lambda step: mesh_lib.to_global(batch_fn(step), mesh, ((1, 0), out_seq_dim))
+  placed = lambda step: mesh_lib.to_global(batch_fn(step), mesh, (in_seq_dims, out_seq_dim))
   try:
     state = training.fit(step_fn, state, total=total, batch_fn=placed, ckpt=ckpt,
                          log=training.MetricsLog(run), log_every=cfg.log_every,

@@ -122,13 +122,14 @@ def save_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
 
 
 # what a run's config.json holds, by the key only that task writes
-_TASKS = {"vit": ("dataset", "an image classifier (train.vit; evaluate with infer.vit)"),
+_TASKS = {"dit": ("sample_steps", "a diffusion model (train.dit; sample with infer.dit)"),
+          "vit": ("dataset", "an image classifier (train.vit; evaluate with infer.vit)"),
           "lm": ("context", "a language model (train.gpt2 / train.llama; evaluate with "
                             "infer.gpt2 / infer.llama)")}
 
 
 def load_config(workdir: str, task: str | None = None) -> ml_collections.ConfigDict:
-  """The run's config.json; with ``task`` ("vit" | "lm"), CheckpointError unless
+  """The run's config.json; with ``task`` ("dit" | "vit" | "lm"), CheckpointError unless
   the run is of that task (a ViT run handed to an LM CLI is named as such)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
