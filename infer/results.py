@@ -4,6 +4,7 @@
   python -m infer.results gpt2 --exact-workdir workdir/gpt2   # GPT-2, Shakespeare, mesh 4
   python -m infer.results llama --exact-workdir workdir/llama # tiny Llama 3, same data
   python -m infer.results smollm2 --eval-windows 25 --only vq_g32_kmeans  # SmolLM2-135M
+  python -m infer.results dit --workdir workdir/dit --classifier workdir/vit  # CoDiT (infer/results_dit.py)
 
 Trains the exact model (or resumes/reuses ``--exact-workdir``, e.g. the run of
 ``python -m train.<task> --mesh=4``), evaluates it on one device and at the
@@ -307,7 +308,11 @@ def loss_names(task: Task) -> list[str]:
 
 
 def main(argv=None):
-  args = parse(sys.argv[1:] if argv is None else argv)
+  argv = sys.argv[1:] if argv is None else argv
+  if argv[:1] == ["dit"]:  # the diffusion table has its own rows and metrics
+    from infer import results_dit
+    return results_dit.main(argv[1:])
+  args = parse(argv)
   task = TASKS[args.task]
   data = [f"--data-dir={args.data_dir}"] if args.data_dir else []
   mesh = f"--mesh={args.mesh}"

@@ -470,16 +470,18 @@ class VQExchange(Exchange):
     device = jnp.arange(total) // ts
     weights = (device < index) if causal else (device != index)
     weights = jnp.broadcast_to(weights[None], (b, total))
+    received = jnp.ones((b, total), bool)
     if self.drop_rate > 0:
       if key is None:
         raise ValueError("a lossy link (drop_rate > 0) needs a PRNG key to draw the losses")
       drop_key = jax.random.split(key)[1]  # the losses ``Exchange.attend`` would draw
-      weights = weights & received_tokens(drop_key, self.drop_rate, b, total, ts, axis_name)
+      received = received_tokens(drop_key, self.drop_rate, b, total, ts, axis_name)
+      weights = weights & received
     pos = jnp.arange(total)
     q_pos = index * ts + jnp.arange(tl_all) - private  # (private tokens: bidirectional only)
     own_pos = jnp.concatenate([jnp.full((private,), -1), index * ts + jnp.arange(ts)])
     k_exact, v_exact, exact_pos = [k], [v], [own_pos]
-    exact_ok = [jnp.ones((private + ts,), bool)]
+    exact_ok = [jnp.ones((b, private + ts), bool)]
     if self.boundary_rows and size > 1:
       n = self.boundary_tokens
       if n > ts:
@@ -493,10 +495,10 @@ class VQExchange(Exchange):
         k_exact.append(got[:, :, 0])
         v_exact.append(got[:, :, 1])
         exact_pos.append(at)
-        exact_ok.append(jnp.full((n,), ok))
+        exact_ok.append(ok & received[:, at])  # boundary rows can be lost too
         weights = weights & ~(ok & (pos[None] >= at[0]) & (pos[None] <= at[-1]))
-    exact_pos, exact_ok = jnp.concatenate(exact_pos), jnp.concatenate(exact_ok)
-    mask = visible(q_pos, exact_pos, causal) & exact_ok[None]
+    exact_pos, exact_ok = jnp.concatenate(exact_pos), jnp.concatenate(exact_ok, axis=1)
+    mask = visible(q_pos, exact_pos, causal)[None] & exact_ok[:, None]  # [B, Tq, Te]
     collapsed = code_attention.collapse(
         codes_k, weights, state.k.entries, v_dec,
         size=code_attention.enough_slots(total, self.groups, self.codebook_size))

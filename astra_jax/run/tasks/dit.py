@@ -147,7 +147,8 @@ def generate(model: nnx.Module, mesh_size: int, settings: sample.Sampling, label
   The bytes per device of one sampling run of one image are read from the
   compiled program (``traffic``: the batch's collectives over its size; they
   are linear in it), beside the formula (``formula_bytes``).  One program is
-  compiled for all batches (the last one padded).
+  compiled for all batches (the last one padded); ``sampling_s`` is the time
+  of the batches after it.
   """
   cfg = model.cfg
   check_mesh(cfg, mesh_size)
@@ -168,8 +169,10 @@ def generate(model: nnx.Module, mesh_size: int, settings: sample.Sampling, label
   forward.say_compiled("the sampler", time.perf_counter() - began)
   report = traffic.hlo_traffic(compiled.as_text())
   out = []
+  began = time.perf_counter()
   for start in range(0, len(labels), batch_size):
     out.append(np.asarray(mesh_lib.fetch(compiled(params, rest, *inputs(start)))))
+  seconds = time.perf_counter() - began
   patches = np.concatenate(out)[:len(labels)]
   images = np.asarray(dit.unpatchify(jnp.asarray(patches), cfg.patch, cfg.channels))
   per_image = lambda n: int(round(n / batch_size))
@@ -177,7 +180,7 @@ def generate(model: nnx.Module, mesh_size: int, settings: sample.Sampling, label
       "bytes_per_device": per_image(report.bytes_per_device),
       "bytes_received_per_device": per_image(traffic.received_bytes(report, mesh_size)),
       "bytes_per_device_formula": formula_bytes(cfg, mesh_size, settings),
-      "collectives": report.by_kind()}
+      "collectives": report.by_kind(), "sampling_s": round(seconds, 3)}
 
 
 def formula_bytes(cfg: dit.DiTConfig, mesh_size: int, settings: sample.Sampling) -> int:
@@ -234,3 +237,18 @@ def load_for_sampling(run: str, spec: str | None, mesh_size: int, *,
     calibrate.kmeans_codebooks(model, batches, jax.random.PRNGKey(cfg.seed),
                                max_tokens=cfg.get("kmeans_tokens", 16384))
   return target, model
+
+
+def seconds_per_image(model: nnx.Module, settings: sample.Sampling, repeats: int = 3) -> float:
+  """This host's time for one sampling run of one image on one device (compile
+  excluded; the median of ``repeats``)."""
+  run, params, rest, _ = sampler(model, 1, settings)
+  cfg = model.cfg
+  args = (sampling_noise(cfg, 1, 0), np.arange(cfg.num_patches), np.zeros((1,), np.int32))
+  compiled = run.lower(params, rest, *args).compile()
+  times = []
+  for _ in range(repeats):
+    began = time.perf_counter()
+    jax.block_until_ready(compiled(params, rest, *args))
+    times.append(time.perf_counter() - began)
+  return float(np.median(times))
