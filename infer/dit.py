@@ -16,8 +16,11 @@ exactly), ``refresh=k`` (codes re-sent every k steps), ``code_attention=true``
 ``exact``, ``ring``, ``distrifusion:warmup=W``.
 
 Prints one JSON object as its last line: the exchange, mesh, steps, guidance,
-images, seconds, ``bytes_per_device`` of one sampling run of one image read
-from the compiled program, and ``bytes_per_device_formula`` with the formula.
+images, seconds (all of it) and sampling_s (the sampling runs, compile
+excluded; per image with ``--batch-size 1``), ``bytes_per_device`` of one
+sampling run of one image read from the compiled program, and
+``bytes_per_device_formula`` with the formula.  Under ``infer.launch`` every
+process joins each sampling run and process 0 writes the grid.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ def parse(argv):
   p.add_argument("--per-class", type=cli.at_least(1), default=8,
                  help="samples of each class (one grid row per class)")
   p.add_argument("--seed", type=cli.at_least(0), default=0, help="the noise's seed")
+  p.add_argument("--batch-size", type=cli.at_least(1), default=100,
+                 help="images per sampling run (1: one image at a time, as on an edge device)")
   p.add_argument("--step", type=cli.at_least(0), default=None,
                  help="checkpoint step (default latest)")
   p.add_argument("--data-dir", default=None, help="the dataset (for k-means calibration)")
@@ -56,6 +61,7 @@ def main(argv=None):
   args = parse(sys.argv[1:] if argv is None else argv)
   cli.setup_devices(args)
   import time
+  import jax
   import numpy as np
   from astra_jax.data import images as data
   from astra_jax.diffusion import grid, sample
@@ -73,12 +79,14 @@ def main(argv=None):
                                               data_dir=args.data_dir, step=args.step)
     labels = np.repeat(np.arange(model_cfg.num_classes), args.per_class)
     start = time.perf_counter()
-    images, traffic = task.generate(model, args.mesh, settings, labels, seed=args.seed)
+    images, traffic = task.generate(model, args.mesh, settings, labels, seed=args.seed,
+                                    batch_size=args.batch_size)
     seconds = time.perf_counter() - start
     split_shape = data.load_image_dataset(cfg.dataset, args.data_dir, "test").images.shape
     images = task.crop(images, split_shape[1], split_shape[2])
     names = [data.class_name(cfg.dataset, c) for c in range(model_cfg.num_classes)]
-    grid.save_grid(images, args.out, columns=args.per_class, row_labels=names)
+    if jax.process_index() == 0:  # every process holds the images; one writes them
+      grid.save_grid(images, args.out, columns=args.per_class, row_labels=names)
   except ValueError as e:
     cli.fail(str(e))
   ex = model_cfg.exchange
@@ -87,8 +95,11 @@ def main(argv=None):
   cli.print_result({
       "exchange": ex.name, "spec": args.exchange or cfg.exchange, "mesh": args.mesh,
       "steps": settings.steps, "guidance": settings.guidance, "images": int(len(labels)),
-      "seconds": round(seconds, 2), "out": args.out, "workdir": args.workdir,
-      **{k: v for k, v in traffic.items() if k != "collectives"},
+      "seconds": round(seconds, 2), "sampling_s": traffic["sampling_s"],
+      "sampling_s_per_image": round(traffic["sampling_s"] / len(labels), 4),
+      "batch_size": min(args.batch_size, len(labels)), "out": args.out,
+      "workdir": args.workdir,
+      **{k: v for k, v in traffic.items() if k != "sampling_s"},
       "formula": task.FORMULA}, args.json)
 
 

@@ -57,7 +57,7 @@ import subprocess
 import sys
 from typing import Callable
 
-from astra_jax.run import cli
+from astra_jax.run import cli, markdown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -432,7 +432,7 @@ def continuations(args, task: Task, systems: list, mesh: str) -> None:
   for row in rows:
     lines.append(f"| {cell(row['prompt'])} | " +
                  " | ".join(cell(row[label]) for label in labels) + " |")
-  _replace_block(args.markdown, f"{args.task}-continuations", "\n".join(lines))
+  markdown.replace_block(args.markdown, f"{args.task}-continuations", "\n".join(lines))
 
 
 SPD_ROWS = {"spd": "spd_without_distillation", "spd_distilled": "spd"}
@@ -476,22 +476,7 @@ def write(args, task: Task, rows: list[dict], kept: list[dict] = ()) -> None:
   with open(args.results, "w") as f:  # other keys (continuations) are kept
     json.dump(data, f, indent=2)
   if args.markdown:
-    _replace_block(args.markdown, f"{args.task}-results", table(task, rows))
-
-
-def _replace_block(markdown: str, name: str, text: str) -> None:
-  """``text`` between the ``<!-- NAME:begin -->`` / ``end`` markers of ``markdown``
-  (appended with its markers when they are missing)."""
-  begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-  body = open(markdown).read() if os.path.exists(markdown) else ""
-  block = f"{begin}\n{text}\n{end}"
-  if begin in body:
-    head, rest = body.split(begin, 1)
-    body = head + block + rest.split(end, 1)[1]
-  else:
-    body += ("\n" if body else "") + block + "\n"
-  with open(markdown, "w") as f:
-    f.write(body)
+    markdown.replace_block(args.markdown, f"{args.task}-results", table(task, rows))
 
 
 if __name__ == "__main__":

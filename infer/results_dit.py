@@ -79,6 +79,10 @@ def parse(argv):
   p.add_argument("--only", nargs="*", default=None, help="rows to run (the others are kept)")
   p.add_argument("--data-dir", default=None)
   p.add_argument("--root", default="workdir/dit_results")
+  p.add_argument("--testbed", type=float, nargs="*", default=None, metavar="MBPS",
+                 help="instead of the table: time one-image sampling runs on the shaped "
+                      "testbed (2 ranks, one core each, infer.lab.testbed; root) at these "
+                      "rates, beside one pinned device and the latency model")
   p.add_argument("--publish", action="store_true",
                  help="write the repo's results/dit_fashion_mnist.json, RESULTS.md and grids")
   args = p.parse_args(argv)
@@ -103,6 +107,8 @@ def main(argv=None):
                                                                               "results.json")
   markdown = "RESULTS.md" if args.publish else os.path.join(args.root, "RESULTS.md")
   grids = "results/dit" if args.publish else os.path.join(args.root, "grids")
+  if args.testbed is not None:
+    return testbed(args, results, markdown)
   try:
     cfg = workdir.load_config(args.workdir, "dit")
     judge = Judge(args.classifier, args.data_dir)
@@ -227,24 +233,120 @@ def keys_per_query(model, model_cfg, mesh: int, settings, labels, seed: int) -> 
   return out
 
 
-def modelled_latency(traffic: dict, model_cfg, mesh: int, settings, single_time) -> dict:
-  """Seconds per sampling run of one image at each of BANDWIDTHS_MBPS (module docstring)."""
+def modelled_latency(traffic: dict, model_cfg, mesh: int, settings, single_time,
+                     rates=BANDWIDTHS_MBPS) -> dict:
+  """Seconds per sampling run of one image at each of ``rates`` Mbit/s (module docstring)."""
   from astra_jax.netsim import latency
   layers = settings.steps * model_cfg.depth
   compute = single_time / mesh / layers
-  transfers = [latency.Transfer(kind, 1, row["operand_bytes"] / layers)
-               for kind, row in traffic.get("collectives", {}).items()]
-  messages = sum(row["count"] for row in traffic.get("collectives", {}).values())
+  collectives = traffic.get("collectives", {})
+  batch_bytes = sum(row["operand_bytes"] for row in collectives.values())
+  per_image = traffic["bytes_per_device"] / batch_bytes if batch_bytes else 0.0  # program: a batch
+  transfers = [latency.Transfer(kind, 1, row["operand_bytes"] * per_image / layers)
+               for kind, row in collectives.items()]
+  messages = sum(row["count"] for row in collectives.values())
   overlap = compute if "distrifusion" in str(model_cfg.exchange.name) else 0.0
   out = {}
-  for mbps in BANDWIDTHS_MBPS:
+  for mbps in rates:
     network = latency.Network(latency.Trace.constant(mbps), message_latency_s=0.0)
     run = latency.prefill_latency(layers=layers, layer_compute_s=compute,
                                   layer_transfers=transfers, mesh_size=mesh, network=network,
                                   layer_overlap_s=overlap)
     per_message = latency.DEFAULT_MESSAGE_LATENCY_S * messages if mesh > 1 else 0.0
-    out[f"modelled_s_{mbps}mbps"] = round(run.total_s + per_message, 4)
+    out[f"modelled_s_{mbps:g}mbps"] = round(run.total_s + per_message, 4)
   return out
+
+
+TESTBED_ROWS = [("exact", "exact"), ("distrifusion", "distrifusion:warmup=2"),
+                ("vq_g32", "vq:groups=32"), ("vq_g1", "vq:groups=1"),
+                ("vq_g1_boundary", "vq:groups=1,boundary_rows=1")]
+
+
+def testbed(args, results: str, markdown: str) -> None:
+  """Measured seconds per one-image sampling run: one device pinned to one core,
+  and 2 ranks (one core each) over links shaped to each rate; the latency model
+  beside each (compute: the pinned device's time / 2)."""
+  import tempfile
+  from types import SimpleNamespace
+  from astra_jax.core import exchange as exchange_lib
+  from astra_jax.diffusion import sample
+  from astra_jax.run import workdir
+  try:
+    cfg = workdir.load_config(args.workdir, "dit")
+  except ValueError as e:
+    cli.fail(str(e))
+  steps = args.steps or cfg.sample_steps
+  settings = sample.Sampling(steps, cfg.guidance)
+  out = os.path.join(tempfile.mkdtemp(), "grid.png")
+  common = ["--workdir", args.workdir, "--per-class", "1", "--batch-size", "1",
+            "--steps", str(steps), "--out", out, *(["--data-dir", args.data_dir]
+                                                   if args.data_dir else [])]
+  one = _run_json(["taskset", "-c", "0", sys.executable, "-m", "infer.dit", "--mesh", "1",
+                   "--exchange", "exact", *common])
+  rows = [{"name": "single_device", "spec": "exact", "mesh": 1, "rate_mbit": None,
+           "measured_s": one["sampling_s_per_image"]}]
+  for rate in args.testbed:
+    for name, spec in TESTBED_ROWS:
+      got = _run_json([sys.executable, "-m", "infer.lab.testbed", "--procs", "2", "--rate",
+                       f"{rate:g}", "--", "infer.dit", "--mesh", "2", "--exchange", spec,
+                       *common])
+      model_cfg = SimpleNamespace(depth=cfg.depth, exchange=exchange_lib.from_spec(spec))
+      model = modelled_latency(got, model_cfg, 2, settings, one["sampling_s_per_image"],
+                               rates=(rate,))
+      rows.append({"name": name, "spec": spec, "mesh": 2, "rate_mbit": rate,
+                   "measured_mbit": got.get("measured_mbit"),
+                   "measured_s": got["sampling_s_per_image"],
+                   "modelled_s": model[f"modelled_s_{rate:g}mbps"],
+                   "bytes_received_per_device": got["bytes_received_per_device"],
+                   "speedup_measured": round(one["sampling_s_per_image"]
+                                             / got["sampling_s_per_image"], 2)})
+      print(json.dumps(rows[-1]), flush=True)
+  host = _host()
+  data = json.load(open(results)) if os.path.exists(results) else {}
+  data["testbed"] = {"command": args.command, "host": host, "steps": steps, "rows": rows}
+  with open(results, "w") as f:
+    json.dump(data, f, indent=2)
+  markdown_lib_replace(markdown, "dit-testbed", testbed_table(rows, host, steps))
+  print(f"wrote the testbed rows to {results} and {markdown}")
+
+
+def _run_json(cmd: list[str]) -> dict:
+  import subprocess
+  print("$", " ".join(cmd), flush=True)
+  proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+  if proc.returncode:
+    raise SystemExit(f"error: {' '.join(cmd)} failed with exit code {proc.returncode}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _host() -> str:
+  import platform
+  try:
+    with open("/proc/cpuinfo") as f:
+      name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    name = platform.processor()
+  return f"{name}, {os.cpu_count()} cores"
+
+
+def testbed_table(rows: list[dict], host: str, steps: int) -> str:
+  lines = [f"Host: {host}; one image per sampling run, {steps} steps; 2 ranks with one core "
+           "each over tbf-shaped links vs one device pinned to one core.", "",
+           "| exchange | link | measured s/image | model s/image | vs one device | "
+           "bytes into a device |", "|---|---|---|---|---|---|"]
+  for r in rows:
+    if r["mesh"] == 1:
+      lines.append(f"| one device | - | {r['measured_s']:.3f} | - | 1.00x | 0 |")
+      continue
+    lines.append(f"| `{r['spec']}` (P=2) | {r['rate_mbit']:g} Mbit/s | {r['measured_s']:.3f} | "
+                 f"{r['modelled_s']:.3f} | {r['speedup_measured']:.2f}x | "
+                 f"{r['bytes_received_per_device']:,} |")
+  return "\n".join(lines)
+
+
+def markdown_lib_replace(path: str, name: str, text: str) -> None:
+  from astra_jax.run import markdown as markdown_lib
+  markdown_lib.replace_block(path, name, text)
 
 
 def _kept(results: str, only) -> list[dict]:
@@ -276,13 +378,13 @@ def table(rows: list[dict]) -> str:
 
 
 def write(results: str, markdown: str, rows: list[dict], args) -> None:
-  from infer.results import _replace_block
+  from astra_jax.run import markdown as markdown_lib
   names = [r[0] for r in ROWS]
   rows = sorted(rows, key=lambda r: names.index(r["name"]))
   os.makedirs(os.path.dirname(os.path.abspath(results)), exist_ok=True)
   with open(results, "w") as f:
     json.dump({"command": args.command, "rows": rows}, f, indent=2)
-  _replace_block(markdown, "dit-results", table(rows))
+  markdown_lib.replace_block(markdown, "dit-results", table(rows))
 
 
 if __name__ == "__main__":

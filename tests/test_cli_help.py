@@ -7,7 +7,7 @@ from cli_helpers import assert_one_line_error, run
 
 from astra_jax.run import config
 
-TRAIN_CLIS = ("train.vit", "train.gpt2", "train.llama")
+TRAIN_CLIS = ("train.vit", "train.gpt2", "train.llama", "train.dit")
 
 
 @pytest.mark.parametrize("module", TRAIN_CLIS)

@@ -39,7 +39,7 @@ def tiny_model(spec="exact", seed=0, **kw):
   return nnx.merge(graphdef, params, rest)
 
 
-def samples(model, mesh_size, steps=3, guidance=1.0, count=3):
+def samples(model, mesh_size, steps=2, guidance=1.0, count=2):
   run, params, rest, mesh = task.sampler(model, mesh_size, sample.Sampling(steps, guidance))
   noise = task.sampling_noise(model.cfg, count, seed=0)
   inputs = mesh_lib.to_global((noise, np.arange(model.cfg.num_patches),
@@ -62,7 +62,7 @@ def test_ring_sampling_equals_exact():
 
 def test_distrifusion_is_exact_while_warm_and_stale_after():
   exact = samples(tiny_model(), 4)
-  np.testing.assert_allclose(samples(tiny_model("distrifusion:warmup=3"), 4), exact, atol=1e-5)
+  np.testing.assert_allclose(samples(tiny_model("distrifusion:warmup=2"), 4), exact, atol=1e-5)
   np.testing.assert_allclose(samples(tiny_model("distrifusion"), 1), samples(tiny_model(), 1),
                              atol=1e-5)  # one device: nothing is stale
   stale = samples(tiny_model("distrifusion:warmup=1"), 4)
@@ -96,7 +96,7 @@ def test_refresh_every_step_is_plain_vq():
     ("vq:groups=4,codebook_size=16,code_attention=true", 1.0)])
 def test_sampling_bytes_from_the_compiled_program_match_the_formula(spec, guidance):
   model = tiny_model(spec)
-  settings = sample.Sampling(3, guidance)
+  settings = sample.Sampling(2, guidance)
   run, params, rest, _ = task.sampler(model, 4, settings)
   cfg = model.cfg
   report = traffic.compiled_traffic(

@@ -120,6 +120,7 @@ def test_no_import_circle():
 @pytest.mark.parametrize("layer, allowed", [
     ("astra_jax.core", ("astra_jax.core",)),
     ("astra_jax.models", ("astra_jax.core", "astra_jax.models")),
+    ("astra_jax.diffusion", ("astra_jax.core", "astra_jax.diffusion", "astra_jax.parallel")),
 ])
 def test_layer_imports_only_below_it(layer, allowed):
   bad = {m: sorted(t for t in targets if t.startswith("astra_jax")
