@@ -32,7 +32,10 @@ devices, in this process, and scores each row:
                  measured on the model's own K/V halfway through sampling)
 
 The vq rows use k-means codebooks fitted on the exact run's own K/V (zero
-shot, no fine-tuning; ``infer.dit`` does the same), cached on disk.
+shot, no fine-tuning; ``infer.dit`` does the same), cached on disk; the
+``*_ft`` rows sample from ASTRA fine-tuned runs (``train.dit --init-from``
+the exact run with ``--config.exchange=vq``, ``--finetune-steps`` steps at
+``--mesh``, trained or resumed under ``--root``).
 Writes ROOT/results.json and ROOT/RESULTS.md (``--publish``: the repo's
 results/dit_fashion_mnist.json, RESULTS.md, and the sample grids in
 results/dit/).
@@ -62,7 +65,14 @@ ROWS = [
     ("vq_g1_refresh2", "CoDiT G=1, codes every 2nd step", "vq:groups=1,refresh=2"),
     ("vq_g1_k16_codes", "CoDiT G=1, K=16, codebook-centric attention",
      "vq:groups=1,codebook_size=16,code_attention=true"),
+    # ASTRA fine-tuning (train.dit --init-from the run, vq with k-means start): FT_RUNS
+    ("vq_g32_ft", "ASTRA G=32, fine-tuned", "vq:groups=32"),
+    ("vq_g1_ft", "ASTRA G=1, fine-tuned", "vq:groups=1"),
+    ("vq_g1_boundary_ft", "CoDiT G=1 + boundary row, fine-tuned", "vq:groups=1,boundary_rows=1"),
 ]
+# fine-tuned rows -> the run they sample from (a folder under --root) and its groups
+FT_RUNS = {"vq_g32_ft": ("vq_g32_ft", 32), "vq_g1_ft": ("vq_g1_ft", 1),
+           "vq_g1_boundary_ft": ("vq_g1_ft", 1)}
 BANDWIDTHS_MBPS = (10, 100)
 
 
@@ -77,6 +87,9 @@ def parse(argv):
   p.add_argument("--per-class", type=cli.at_least(2), default=20)
   p.add_argument("--seed", type=cli.at_least(0), default=0)
   p.add_argument("--only", nargs="*", default=None, help="rows to run (the others are kept)")
+  p.add_argument("--finetune-steps", type=cli.at_least(1), default=400,
+                 help="ASTRA fine-tuning steps of the *_ft rows (train.dit --init-from)")
+  p.add_argument("--finetune-lr", type=float, default=3e-4)
   p.add_argument("--data-dir", default=None)
   p.add_argument("--root", default="workdir/dit_results")
   p.add_argument("--testbed", type=float, nargs="*", default=None, metavar="MBPS",
@@ -125,7 +138,8 @@ def main(argv=None):
     if name != "single_device" and args.only is not None and name not in args.only:
       continue
     mesh = 1 if spec is None else args.mesh
-    model_cfg, model = task.load_for_sampling(args.workdir, spec or "exact", mesh,
+    run = finetuned(args, name) if name in FT_RUNS else args.workdir
+    model_cfg, model = task.load_for_sampling(run, spec or "exact", mesh,
                                               data_dir=args.data_dir)
     images, traffic = task.generate(model, mesh, settings, labels, seed=args.seed)
     seconds = traffic.pop("sampling_s")
@@ -255,6 +269,18 @@ def modelled_latency(traffic: dict, model_cfg, mesh: int, settings, single_time,
     per_message = latency.DEFAULT_MESSAGE_LATENCY_S * messages if mesh > 1 else 0.0
     out[f"modelled_s_{mbps:g}mbps"] = round(run.total_s + per_message, 4)
   return out
+
+
+def finetuned(args, name: str) -> str:
+  """The fine-tuned run of row ``name``, trained (or resumed) by train.dit."""
+  folder, groups = FT_RUNS[name]
+  run = os.path.join(args.root, folder)
+  _run_json([sys.executable, "-m", "train.dit", f"--mesh={args.mesh}",
+             f"--init-from={args.workdir}", f"--workdir={run}", "--config.exchange=vq",
+             f"--config.vq.groups={groups}", f"--max-steps={args.finetune_steps}",
+             f"--config.lr={args.finetune_lr}", "--config.warmup_steps=50",
+             *([f"--data-dir={args.data_dir}"] if args.data_dir else [])])
+  return run
 
 
 TESTBED_ROWS = [("exact", "exact"), ("distrifusion", "distrifusion:warmup=2"),

@@ -60,6 +60,15 @@ VIT_TINY = ["--config.variant=mu/4", "--config.image_size=16", "--config.batch_s
             "--config.lr=3e-3", "--config.augment=false"]
 
 
+def write_vit_run(folder: Path) -> Path:
+  """``folder/run``: a ViT run folder (config.json of the ViT task only), what the
+  CLIs of other tasks must refuse."""
+  workdir = Path(folder) / "run"
+  workdir.mkdir(parents=True)
+  (workdir / "config.json").write_text('{"dataset": "fashion_mnist", "variant": "mu/7"}')
+  return workdir
+
+
 def write_idx_dataset(folder: Path, n_train: int = 64, n_test: int = 32) -> Path:
   """A tiny learnable IDX dataset (8x8 images, the label a bright row) in the
   Fashion-MNIST layout, for train.vit / infer.vit with ``VIT_TINY``."""

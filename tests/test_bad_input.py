@@ -79,7 +79,7 @@ import pytest
 
 import hf_helpers
 from cli_helpers import (VIT_TINY, assert_one_line_error, last_json, run, stderr_lines,
-                         write_corpus, write_idx_dataset)
+                         write_corpus, write_idx_dataset, write_vit_run)
 
 LM_TINY = ["--config.variant=nano", "--config.context=32", "--config.batch_size=2",
            "--config.log_every=1", "--config.warmup_steps=1", "--config.eval_windows=2",
@@ -114,11 +114,8 @@ def lm_run(lm_trained):
 
 @pytest.fixture(scope="module")
 def vit_run(tmp_path_factory):
-  """A ViT run folder: config.json of the ViT task (what the LM CLIs must refuse)."""
-  workdir = tmp_path_factory.mktemp("vit") / "run"
-  workdir.mkdir()
-  (workdir / "config.json").write_text('{"dataset": "fashion_mnist", "variant": "mu/7"}')
-  return workdir
+  """A ViT run folder (what the LM CLIs must refuse)."""
+  return write_vit_run(tmp_path_factory.mktemp("vit"))
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from cli_helpers import assert_one_line_error, last_json, run, write_idx_dataset
+from cli_helpers import assert_one_line_error, last_json, run, write_idx_dataset, write_vit_run
 
 TINY = ["--config.image_size=8", "--config.patch=2", "--config.width=32", "--config.depth=2",
         "--config.heads=2", "--config.batch_size=16", "--config.log_every=1",
@@ -125,11 +125,8 @@ def test_zero_shot_vq_sampling_matches_the_formula(sample):
 
 @pytest.fixture(scope="module")
 def vit_run(tmp_path_factory):
-  """A ViT run folder: config.json of the ViT task (what infer.dit must refuse)."""
-  workdir = tmp_path_factory.mktemp("vit") / "run"
-  workdir.mkdir()
-  (workdir / "config.json").write_text('{"dataset": "fashion_mnist", "variant": "mu/7"}')
-  return workdir
+  """A ViT run folder (what infer.dit must refuse)."""
+  return write_vit_run(tmp_path_factory.mktemp("vit"))
 
 
 BAD_SAMPLING = {

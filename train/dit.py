@@ -67,11 +67,7 @@ def main(argv=None):
         calib_batches=lambda: task.calibration_batches(train_split, cfg, model_cfg,
                                                        steps_per_epoch),
         seed=cfg.seed, kmeans_tokens=cfg.get("kmeans_tokens", 4096))
-    total = steps_per_epoch * cfg.epochs
-    if args.max_steps is not None:
-      total = min(total, args.max_steps)
-    tx = training.make_optimizer(lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                 warmup_steps=cfg.warmup_steps, total_steps=total)
+    total, tx = recipe.plan(cfg, steps_per_epoch, args.max_steps)
   except ValueError as e:
     cli.fail(str(e))
   try:

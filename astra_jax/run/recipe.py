@@ -42,6 +42,31 @@ def start_model(*, init_from: str | None, ckpt: checkpoint.Checkpointer,
   return model
 
 
+def optimizer(cfg, total_steps: int):
+  """The run config's AdamW schedule over ``total_steps`` (``training.make_optimizer``)."""
+  return training.make_optimizer(lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 warmup_steps=cfg.warmup_steps, total_steps=total_steps)
+
+
+def plan(cfg, steps_per_epoch: int, max_steps: int | None):
+  """(total steps, optimizer) of a train CLI: the config's epochs, capped by
+  ``--max-steps``."""
+  total = steps_per_epoch * cfg.epochs
+  if max_steps is not None:
+    total = min(total, max_steps)
+  return total, optimizer(cfg, total)
+
+
+def restore(run: str, cfg, build_trained: Callable[[], nnx.Module],
+            build_target: Callable[[], nnx.Module], keep_rest: bool,
+            step: int | None = None) -> nnx.Module:
+  """``workdir.restore_model`` with the abstract train state of ``cfg``'s optimizer
+  (its structure does not depend on the step count)."""
+  tx = optimizer(cfg, 2)
+  return workdir.restore_model(run, build_trained, build_target,
+                               lambda p, r: training.init_state(p, r, tx), keep_rest, step)
+
+
 def train(model: nnx.Module, tx, *, cfg, run: str, mesh, ckpt: checkpoint.Checkpointer,
           total: int, batch_fn: Callable[[int], tuple[Any, Any]], out_seq_dim: Any,
           items_per_step: int, in_seq_dims: tuple = (1, 0),

@@ -26,7 +26,7 @@ from astra_jax.diffusion import flow, sample
 from astra_jax.models import dit
 from astra_jax.netsim import traffic
 from astra_jax.parallel import apply, forward, mesh as mesh_lib
-from astra_jax.run import training, workdir
+from astra_jax.run import recipe, workdir
 from astra_jax.run.tasks import exchanges
 
 
@@ -106,12 +106,8 @@ def restore_trained(run: str, target: dit.DiTConfig | None = None, step: int | N
   target = target or trained
   if dataclasses.replace(target, exchange=trained.exchange) != trained:
     raise ValueError(f"{run} holds another DiT architecture than the one requested")
-  tx = training.make_optimizer(lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               warmup_steps=cfg.warmup_steps, total_steps=2)
-  model = workdir.restore_model(
-      run, lambda: build(trained), lambda: build(target),
-      lambda p, r: training.init_state(p, r, tx),
-      exchange_lib.same_state(target.exchange, trained.exchange), step)
+  model = recipe.restore(run, cfg, lambda: build(trained), lambda: build(target),
+                         exchange_lib.same_state(target.exchange, trained.exchange), step)
   return cfg, target, model
 
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from astra_jax.parallel import apply, forward, mesh as mesh_lib
 from astra_jax.core import exchange
-from astra_jax.run import calibrate, training, workdir
+from astra_jax.run import calibrate, recipe, workdir
 from astra_jax.run.tasks import exchanges
 from astra_jax.netsim import traffic
 from astra_jax.data import text as text_lib
@@ -131,9 +131,7 @@ def exchanged_shape(model_cfg: ModelConfig) -> tuple[int, int]:
   return width, layers
 
 
-def make_optimizer(cfg, total_steps: int):
-  return training.make_optimizer(lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                 warmup_steps=cfg.warmup_steps, total_steps=total_steps)
+make_optimizer = recipe.optimizer  # (cfg, total_steps) -> the run's AdamW schedule
 
 
 def restore_trained(run: str, target: ModelConfig | None = None, step: int | None = None):
@@ -147,11 +145,8 @@ def restore_trained(run: str, target: ModelConfig | None = None, step: int | Non
     raise ValueError(f"{run} holds {FAMILIES[family(cfg)][2]} {what} (vocab "
                      f"{trained.vocab_size}, context {trained.context}); the requested model "
                      "differs in more than the exchange or the tensor-parallel sync")
-  tx = make_optimizer(cfg, 2)
-  model = workdir.restore_model(
-      run, lambda: build(trained), lambda: build(target),
-      lambda p, r: training.init_state(p, r, tx),
-      exchange.same_state(target.exchange, trained.exchange), step)
+  model = recipe.restore(run, cfg, lambda: build(trained), lambda: build(target),
+                         exchange.same_state(target.exchange, trained.exchange), step)
   return cfg, target, model
 
 

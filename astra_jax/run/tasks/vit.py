@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from astra_jax.parallel import forward, mesh as mesh_lib
 from astra_jax.core import exchange
-from astra_jax.run import training, workdir
+from astra_jax.run import recipe, workdir
 from astra_jax.run.tasks import exchanges, vit_pretrained
 from astra_jax.netsim import traffic
 from astra_jax.data import images as data
@@ -66,12 +66,8 @@ def restore_trained(run: str, target: vit.ViTConfig | None = None,
     raise ValueError(f"{run} holds a {trained.variant} model for {trained.image_size}px "
                      f"images; the requested model is {target.variant} at "
                      f"{target.image_size}px: use the same variant/image_size")
-  tx = training.make_optimizer(lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               warmup_steps=cfg.warmup_steps, total_steps=2)
-  model = workdir.restore_model(
-      run, lambda: build(trained), lambda: build(target),
-      lambda p, r: training.init_state(p, r, tx),
-      exchange.same_state(target.exchange, trained.exchange), step)
+  model = recipe.restore(run, cfg, lambda: build(trained), lambda: build(target),
+                         exchange.same_state(target.exchange, trained.exchange), step)
   return cfg, target, model
 
 
