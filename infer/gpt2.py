@@ -61,6 +61,7 @@ def main(argv=None, *, description: str | None = None):
   from astra_jax.io import pretrained
   from astra_jax.run import config, generate, workdir
   from astra_jax.data import text as text_lib
+  from astra_jax.core import exchange as exchange_lib
   from astra_jax.run.tasks import exchanges, lm
 
   result = {}
@@ -96,7 +97,8 @@ def main(argv=None, *, description: str | None = None):
     tokenizer = lm.load_tokenizer(cfg)
     if args.model:
       model_cfg, model = target, lm.load_pretrained(args.model, target)
-      if model_cfg.exchange.name == "vq":  # ASTRA zero-shot: k-means codebooks only
+      if isinstance(model_cfg.exchange, exchange_lib.VQExchange) and getattr(
+          model_cfg.exchange, "quantize", True):  # ASTRA zero-shot: k-means codebooks only
         train_text, _ = text_lib.load_splits(cfg.text)
         lm.kmeans_codebooks(model, cfg, lm.token_ids(train_text, tokenizer))
     else:

@@ -41,6 +41,12 @@ def test_train_and_eval_across_processes_equal_one_process(corpus, tmp_path):
     assert out["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-5), procs
     assert out["loss"] == pytest.approx(ref["loss"], rel=1e-5)
   assert ref["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
+  # the stream exchange over 4 processes: each block on host threads (TCP) to the
+  # later ranks only (astra_jax.parallel.stream_transport), nothing in XLA
+  out = last_json(launch(4, "infer.gpt2", f"--workdir={tmp_path}/one", "--mesh=4", "--eval",
+                         "--exchange=stream:quantize=false"))
+  assert out["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-5)
+  assert out["exchange"] == "stream" and out["bytes_per_device"] == 0  # none in the program
   # generation: prefill over 2 processes, the owner of the last prompt token decodes
   gen = ["infer.gpt2", f"--workdir={tmp_path}/one", "--mesh=4", "--prompt", "Now is",
          "--max-new-tokens=8"]

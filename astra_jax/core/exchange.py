@@ -18,6 +18,10 @@ strategy.  Strategies here:
          before the ``all_gather`` and decoded by the receiver.
   ring   exact K/V passed device to device around a ring (``ppermute``), with
          blockwise softmax as the blocks arrive (``astra_jax.core.ring``).
+  stream exact K/V or grouped-VQ codes sent only forward, each device's block to
+         the later devices (``astra_jax.core.streaming``): causal prefill; with
+         one device per process the blocks travel on host threads, so no layer
+         waits at a barrier.
   distrifusion  exact K/V, but attention uses the other devices' K/V from the
          previous denoising step (stale), so the all-gather can overlap a whole
          step of compute (DistriFusion, Li et al. 2024); a baseline for DiT.
@@ -56,6 +60,7 @@ from astra_jax.core import noise as noise_lib
 from astra_jax.core import packing
 from astra_jax.core import quantizer as vq
 from astra_jax.core import ring
+from astra_jax.core import streaming
 from astra_jax.core.dot_product import dot_product_attention, visible
 from astra_jax.core.specs import Registry
 
@@ -111,6 +116,8 @@ def same_state(a: "Exchange", b: "Exchange") -> bool:
   (the same strategy and options; the simulated link loss, the overlap, the
   boundary context, step reuse and codebook-centric attention may differ)."""
   def plain(e):
+    if getattr(e, "name", None) == "stream" and e.quantize:  # a vq state, sent forward only
+      e = VQExchange(**{f.name: getattr(e, f.name) for f in dataclasses.fields(VQExchange)})
     fields = {f.name for f in dataclasses.fields(e)}
     return dataclasses.replace(e, **{k: v for k, v in _TRANSPORT_OPTIONS.items() if k in fields})
   return plain(a) == plain(b)
@@ -593,3 +600,69 @@ def _exact_boundary(full: jnp.ndarray, local: jnp.ndarray, n: int, axis_name: st
   full = jnp.where(index > 0, with_prev, full)
   with_next = jax.lax.dynamic_update_slice_in_dim(full, from_next, (index + 1) * tl, axis=1)
   return jnp.where(index < size - 1, with_next, full)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class StreamExchange(VQExchange):
+  """Forward streaming for causal models (``astra_jax.core.streaming``): a
+  device's codes (``quantize=true``, the vq options) or exact K/V
+  (``quantize=false``) go only to the devices after it, which are the only
+  ones whose queries may see them; nothing goes backwards.  The outputs equal
+  the all-gather exchanges' (``vq`` with the same codebooks, bit for bit;
+  ``exact``): the blocks a device does not receive are masked anyway.
+  Inference only (prefill); bidirectional models (ViT, DiT) need every block.
+  """
+
+  name: ClassVar[str] = "stream"
+  quantize: bool = True
+
+  def __post_init__(self):
+    super().__post_init__()
+    extras = [f for f in ("boundary_rows", "code_attention", "overlap")
+              if getattr(self, f)] + (["refresh"] if self.refresh > 1 else [])
+    if extras:
+      raise ValueError(f"the stream exchange takes no {', '.join(extras)}: drop them from the "
+                       "spec (they are options of vq)")
+
+  def init_state(self, key, kv_dim):
+    return super().init_state(key, kv_dim) if self.quantize else ()
+
+  def bytes_per_token(self, kv_dim, dtype):
+    if self.quantize:
+      return super().bytes_per_token(kv_dim, dtype)
+    return ExactExchange().bytes_per_token(kv_dim, dtype)
+
+  def attend(self, state, q, k, v, *, causal, train=False, key=None, axis_name=None,
+             private=0, query_transform=None, key_transform=None, carry=None):
+    if not causal:
+      raise ValueError("the stream exchange sends K/V only to later devices, which is all a "
+                       "causal model reads; a bidirectional model (ViT, DiT) needs every "
+                       "block: use --exchange vq or exact")
+    if train:
+      raise ValueError("the stream exchange is for inference (prefill); fine-tune with "
+                       "--config.exchange=vq and evaluate with stream")
+    return Exchange.attend(self, state, q, k, v, causal=causal, axis_name=axis_name,
+                           private=private, query_transform=query_transform,
+                           key_transform=key_transform, key=key, carry=carry)
+
+  def gather(self, state, k, v, *, axis_name, train=False, key=None):
+    del train, key
+    zero = jnp.zeros((), jnp.float32)
+    if axis_name is None:
+      return ExchangeOut(k, v, state, zero)
+    if not self.quantize:
+      both = streaming.forward(jnp.stack([k, v], axis=2), axis_name)
+      return ExchangeOut(_own_block(both[:, :, 0], k, axis_name),
+                         _own_block(both[:, :, 1], v, axis_name), state, zero)
+    b, tl, h, dh = k.shape
+    packed_k = self._send(k, state.k, False)[-1]
+    packed_v = self._send(v, state.v, False)[-1]
+    got = streaming.forward(jnp.stack([packed_k, packed_v], axis=2), axis_name)
+    out = []
+    for i, (x, cb) in enumerate(((k, state.k), (v, state.v))):
+      codes = packing.unpack_codes(got[:, :, i], self.groups, self.codebook_size)
+      full = _own_block(vq.decode(codes, cb.entries).astype(x.dtype),
+                        x.reshape(b, tl, h * dh), axis_name)
+      out.append(full.reshape(b, -1, h, dh))
+    return ExchangeOut(out[0], out[1], state, zero)

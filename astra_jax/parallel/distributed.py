@@ -129,6 +129,8 @@ def initialize(args: argparse.Namespace, mesh_size: int) -> None:
                      f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); start every "
                      "process with the same --coordinator and --num-processes") from e
   sys.excepthook = _excepthook(sys.excepthook, args.process_id, jax.process_count())
+  from astra_jax.parallel import stream_transport
+  stream_transport.install(args.coordinator)  # the stream exchange's forward-only links
   if len(jax.devices()) != mesh_size:
     raise ValueError(f"--mesh={mesh_size} but the {jax.process_count()} processes have "
                      f"{len(jax.devices())} devices in all; the mesh must span every device")

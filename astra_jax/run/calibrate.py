@@ -160,7 +160,7 @@ def kmeans_codebooks(model: nnx.Module, batches: Iterable[tuple], key: jax.Array
   started = time.monotonic()
   layers = attention_layers(model)
   exchanges = {type(m.exchange) for m in layers}
-  if exchanges != {VQExchange}:
+  if not all(isinstance(m.state.get_value(), VQState) for m in layers):
     raise ValueError(f"k-means calibration needs vq exchanges, the model has {exchanges}")
   path = None
   if cache and codebook_cache.folder() is not None:

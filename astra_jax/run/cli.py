@@ -229,7 +229,7 @@ def exchange_from_flags(args: argparse.Namespace):
   ``--groups`` / ``--codebook-size``.  ValueError naming the fix."""
   from astra_jax.core import exchange, specs
   name, options = specs.parse_spec(args.exchange, example=exchange.STRATEGIES.example)
-  if name == "vq":
+  if name == "vq" or (name == "stream" and options.get("quantize", True) not in (False, "false")):
     options = {"groups": args.groups, "codebook_size": args.codebook_size, **options}
   return exchange.make_exchange(name, **options)
 

@@ -18,7 +18,7 @@ def from_config(cfg: ml_collections.ConfigDict, spec: str | None = None) -> exch
   """``spec`` (default: the run's own ``cfg.exchange``) as a strategy; ``vq``
   starts from the run's ``cfg.vq`` options.  ValueError naming the fix."""
   name, options = parse_spec(spec or cfg.exchange, example="vq:groups=32,codebook_size=1024")
-  if name == "vq":
+  if name == "vq" or (name == "stream" and options.get("quantize", True) not in (False, "false")):
     options = {**dict(cfg.vq), **options}
   return exchange.make_exchange(name, **options)
 
@@ -29,7 +29,8 @@ def for_evaluation(cfg: ml_collections.ConfigDict, spec: str | None, run: str,
   state serve it (a ``vq`` evaluation needs the run's own codebooks, so only
   the simulated ``drop_rate`` may differ), else ValueError naming the fix."""
   target, trained = from_config(cfg, spec), from_config(cfg)
-  if target.name == "vq" and not exchange.same_state(target, trained):
+  quantized = isinstance(target, exchange.VQExchange) and getattr(target, "quantize", True)
+  if quantized and not exchange.same_state(target, trained):
     if trained.name != "vq":
       raise ValueError(
           f"{run} was trained with the {trained.name!r} exchange and has no codebooks; "
