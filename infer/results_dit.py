@@ -86,7 +86,9 @@ def parse(argv):
                  help="Euler steps (default: the run's sample_steps)")
   p.add_argument("--per-class", type=cli.at_least(2), default=20)
   p.add_argument("--seed", type=cli.at_least(0), default=0)
-  p.add_argument("--only", nargs="*", default=None, help="rows to run (the others are kept)")
+  p.add_argument("--only", nargs="*", default=None,
+                 help="rows to run (the others are kept, their modelled times recomputed "
+                      "with this run's single-device time; --only alone: just that)")
   p.add_argument("--finetune-steps", type=cli.at_least(1), default=400,
                  help="ASTRA fine-tuning steps of the *_ft rows (train.dit --init-from)")
   p.add_argument("--finetune-lr", type=float, default=3e-4)
@@ -163,8 +165,9 @@ def main(argv=None):
                                           for c in range(cfg.num_classes)])
     rows.append(row)
     print(json.dumps(row), flush=True)
-    write(results, markdown, [*rows, *[r for r in kept if r["name"] not in
-                                        {x["name"] for x in rows}]], args)
+    kept = [remodel(r, cfg.depth, settings, single_time) for r in kept
+            if r["name"] not in {x["name"] for x in rows}]
+    write(results, markdown, [*rows, *kept], args)
   print(f"wrote {results} and the table in {markdown}")
 
 
@@ -375,6 +378,16 @@ def markdown_lib_replace(path: str, name: str, text: str) -> None:
   markdown_lib.replace_block(path, name, text)
 
 
+def remodel(row: dict, depth: int, settings, single_time: float) -> dict:
+  """A kept row's modelled times with this run's single-device time, so every
+  row of the table shares one compute measurement."""
+  from types import SimpleNamespace
+  from astra_jax.core import exchange as exchange_lib
+  model_cfg = SimpleNamespace(depth=depth, exchange=exchange_lib.from_spec(row["spec"]))
+  return dict(row, single_device_s_per_image=round(single_time, 4),
+              **modelled_latency(row, model_cfg, row["mesh"], settings, single_time))
+
+
 def _kept(results: str, only) -> list[dict]:
   if only is None or not os.path.exists(results):
     return []
@@ -389,7 +402,8 @@ def table(rows: list[dict]) -> str:
   exact = next((r["bytes_received_per_device"] for r in rows if r["name"] == "exact"), None)
   for r in rows:
     got = r["bytes_received_per_device"]
-    fewer = ("-" if r["mesh"] == 1 else f"{exact / got:.1f}x fewer" if exact and got else "")
+    fewer = ("-" if r["mesh"] == 1 else "(reference)" if r["name"] == "exact"
+             else f"{exact / got:.1f}x fewer" if exact and got else "")
     psnr = "(reference)" if r["name"] == "single_device" else (
         "inf" if r["psnr_db"] is None else f"{r['psnr_db']:.1f}")
     keys = str(r["keys_per_query_token_level"])
@@ -408,8 +422,10 @@ def write(results: str, markdown: str, rows: list[dict], args) -> None:
   names = [r[0] for r in ROWS]
   rows = sorted(rows, key=lambda r: names.index(r["name"]))
   os.makedirs(os.path.dirname(os.path.abspath(results)), exist_ok=True)
+  data = json.load(open(results)) if os.path.exists(results) else {}
+  data.update(command=args.command, rows=rows)  # (the testbed's rows are kept)
   with open(results, "w") as f:
-    json.dump({"command": args.command, "rows": rows}, f, indent=2)
+    json.dump(data, f, indent=2)
   markdown_lib.replace_block(markdown, "dit-results", table(rows))
 
 
