@@ -47,17 +47,12 @@ def samples(model, mesh_size, steps=2, guidance=1.0, count=2):
   return np.asarray(mesh_lib.fetch(run(params, rest, *inputs)))
 
 
-@pytest.mark.parametrize("mesh_size", [2, 4])
+@pytest.mark.parametrize("mesh_size", [4])
 def test_exact_sampling_at_a_mesh_equals_one_device(mesh_size):
   model = tiny_model()
   one = samples(model, 1, guidance=2.0)
   np.testing.assert_allclose(samples(model, mesh_size, guidance=2.0), one, atol=1e-5)
   assert np.abs(one).max() > 0.5  # images, not zeros
-
-
-def test_ring_sampling_equals_exact():
-  model = tiny_model()
-  np.testing.assert_allclose(samples(tiny_model("ring"), 4), samples(model, 4), atol=1e-5)
 
 
 def test_distrifusion_is_exact_while_warm_and_stale_after():
@@ -153,7 +148,7 @@ def test_code_attention_refuses_rotary_keys():
     _forward(model, 2, (tokens, jnp.arange(16)), (1, 0), 1)
 
 
-def test_one_training_step_is_the_same_at_mesh_1_2_4():
+def test_one_training_step_is_the_same_at_mesh_1_and_4():
   """Flow-matching training is mesh-independent with the exact exchange."""
   model = tiny_model()
   rng = np.random.default_rng(0)
@@ -164,7 +159,7 @@ def test_one_training_step_is_the_same_at_mesh_1_2_4():
   target = flow.velocity(x0, noise)
   tx = training.make_optimizer(lr=1e-3, weight_decay=0.0, warmup_steps=1, total_steps=4)
   losses, params = [], []
-  for mesh_size in (1, 2, 4):
+  for mesh_size in (1, 4):
     graphdef, p, rest = apply.split_model(model)
     mesh = mesh_lib.seq_mesh_or_none(mesh_size)
     step = training.make_train_step(

@@ -35,13 +35,11 @@ def test_train_and_eval_across_processes_equal_one_process(corpus, tmp_path):
   assert two["bytes_per_device"] == one["bytes_per_device"] > 0
   # evaluation of the one-process run, split over 2 and 4 processes
   ref = last_json(run("infer.gpt2", f"--workdir={tmp_path}/one", "--mesh=4", "--eval"))
-  for procs in (2, 4):
-    out = last_json(launch(procs, "infer.gpt2", f"--workdir={tmp_path}/one", "--mesh=4",
-                           "--eval"))
-    assert out["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-5), procs
-    assert out["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+  out = last_json(launch(2, "infer.gpt2", f"--workdir={tmp_path}/one", "--mesh=4", "--eval"))
+  assert out["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-5)
+  assert out["loss"] == pytest.approx(ref["loss"], rel=1e-5)
   assert ref["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
-  # the stream exchange over 4 processes: each block on host threads (TCP) to the
+  # 4 processes with the stream exchange: each block on host threads (TCP) to the
   # later ranks only (astra_jax.parallel.stream_transport), nothing in XLA
   out = last_json(launch(4, "infer.gpt2", f"--workdir={tmp_path}/one", "--mesh=4", "--eval",
                          "--exchange=stream:quantize=false"))
