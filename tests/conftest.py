@@ -16,3 +16,18 @@ def _codebook_cache(tmp_path_factory):
   """k-means codebooks cache in a per-session folder, never ~/.cache (CLI
   subprocesses inherit it; tests of the cache point it elsewhere)."""
   os.environ["ASTRA_CACHE_DIR"] = str(tmp_path_factory.mktemp("astra_cache"))
+
+
+# Files that take a minute or more, started first: pytest-xdist (--dist loadfile)
+# hands out whole files in collection order, and a long file picked up last
+# leaves the other worker idle at the end (fresh-clone CI, 2 workers: a
+# 1.5-minute tail when test_quickstart.py came last).
+SLOW_FILES = ("test_multiprocess.py", "test_quickstart.py", "test_bad_input.py",
+              "test_gpt2_cli.py", "test_llama_cli.py", "test_pretrained_cli.py",
+              "test_vit_cli.py", "test_dit_cli.py", "test_lab_outputs.py", "test_dit.py",
+              "test_serve.py", "test_gguf.py", "test_overlap.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+  rank = {name: i for i, name in enumerate(SLOW_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
