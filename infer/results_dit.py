@@ -48,6 +48,7 @@ import os
 import sys
 
 from astra_jax.run import cli
+from astra_jax.run import markdown as markdown_lib
 
 # name, label, exchange spec (at --mesh; None: one device)
 ROWS = [
@@ -335,7 +336,7 @@ def testbed(args, results: str, markdown: str) -> None:
   data["testbed"] = {"command": args.command, "host": host, "steps": steps, "rows": rows}
   with open(results, "w") as f:
     json.dump(data, f, indent=2)
-  markdown_lib_replace(markdown, "dit-testbed", testbed_table(rows, host, steps))
+  markdown_lib.replace_block(markdown, "dit-testbed", testbed_table(rows, host, steps))
   print(f"wrote the testbed rows to {results} and {markdown}")
 
 
@@ -371,11 +372,6 @@ def testbed_table(rows: list[dict], host: str, steps: int) -> str:
                  f"{r['modelled_s']:.3f} | {r['speedup_measured']:.2f}x | "
                  f"{r['bytes_received_per_device']:,} |")
   return "\n".join(lines)
-
-
-def markdown_lib_replace(path: str, name: str, text: str) -> None:
-  from astra_jax.run import markdown as markdown_lib
-  markdown_lib.replace_block(path, name, text)
 
 
 def remodel(row: dict, depth: int, settings, single_time: float) -> dict:
@@ -418,7 +414,6 @@ def table(rows: list[dict]) -> str:
 
 
 def write(results: str, markdown: str, rows: list[dict], args) -> None:
-  from astra_jax.run import markdown as markdown_lib
   names = [r[0] for r in ROWS]
   rows = sorted(rows, key=lambda r: names.index(r["name"]))
   os.makedirs(os.path.dirname(os.path.abspath(results)), exist_ok=True)

@@ -491,12 +491,7 @@ class VQExchange(Exchange):
     exact_ok = [jnp.ones((b, private + ts), bool)]
     if self.boundary_rows and size > 1:
       n = self.boundary_tokens
-      if n > ts:
-        raise ValueError(f"boundary context of {n} tokens is more than a device's band of "
-                         f"{ts} tokens: use fewer boundary_rows (at most the rows of one band)")
-      pair = jnp.stack([ks, vs], axis=2)
-      prev = jax.lax.ppermute(pair[:, ts - n:], axis_name, [(j, j + 1) for j in range(size - 1)])
-      nxt = jax.lax.ppermute(pair[:, :n], axis_name, [(j + 1, j) for j in range(size - 1)])
+      prev, nxt = _neighbour_rows(jnp.stack([ks, vs], axis=2), n, axis_name)
       prev_pos, next_pos = index * ts - n + jnp.arange(n), (index + 1) * ts + jnp.arange(n)
       for got, at, ok in ((prev, prev_pos, index > 0), (nxt, next_pos, index < size - 1)):
         k_exact.append(got[:, :, 0])
@@ -580,22 +575,28 @@ class VQExchange(Exchange):
     return full.reshape(b, -1, h, dh), cb, loss
 
 
-def _exact_boundary(full: jnp.ndarray, local: jnp.ndarray, n: int, axis_name: str):
-  """Overwrites, in ``full`` [B, P*Tl, D], the ``n`` tokens of each neighbour
-  next to this device's block with their exact values: the previous device's
-  last n tokens and the next device's first n, each sent by ``ppermute`` (one
-  message per direction; the edge devices have one neighbour)."""
+def _neighbour_rows(local: jnp.ndarray, n: int, axis_name: str):
+  """(the previous device's last n tokens, the next device's first n) of
+  ``local`` [B, Tl, ...], each sent by one ``ppermute`` (one message per
+  direction; at the edges, where no neighbour sends, zeros arrive)."""
   tl = local.shape[1]
   if n > tl:
     raise ValueError(f"boundary context of {n} tokens is more than a device's band of {tl} "
                      "tokens: use fewer boundary_rows (at most the rows of one band)")
   size = jax.lax.axis_size(axis_name)
+  return (jax.lax.ppermute(local[:, tl - n:], axis_name, [(j, j + 1) for j in range(size - 1)]),
+          jax.lax.ppermute(local[:, :n], axis_name, [(j + 1, j) for j in range(size - 1)]))
+
+
+def _exact_boundary(full: jnp.ndarray, local: jnp.ndarray, n: int, axis_name: str):
+  """Overwrites, in ``full`` [B, P*Tl, D], the ``n`` tokens of each neighbour
+  next to this device's block with their exact values (``_neighbour_rows``)."""
+  size = jax.lax.axis_size(axis_name)
   if size == 1:
     return full
+  tl = local.shape[1]
   index = jax.lax.axis_index(axis_name)
-  from_prev = jax.lax.ppermute(local[:, tl - n:], axis_name,
-                               [(j, j + 1) for j in range(size - 1)])
-  from_next = jax.lax.ppermute(local[:, :n], axis_name, [(j + 1, j) for j in range(size - 1)])
+  from_prev, from_next = _neighbour_rows(local, n, axis_name)
   with_prev = jax.lax.dynamic_update_slice_in_dim(full, from_prev, index * tl - n, axis=1)
   full = jnp.where(index > 0, with_prev, full)
   with_next = jax.lax.dynamic_update_slice_in_dim(full, from_next, (index + 1) * tl, axis=1)
