@@ -226,6 +226,26 @@ def test_corrupt_latest_step_falls_back_to_older_one(tmp_path, capfd, damage, wh
   assert_same(two, restore_state(str(tmp_path), abstract()))
 
 
+@pytest.mark.parametrize("later", range(6))
+def test_a_read_task_failing_as_the_loop_stops_logs_nothing(caplog, later):
+  """A gathered read that fails in the iteration where the loop stops (which
+  iteration that is depends on ``later``) once logged "Task exception was
+  never retrieved" with a traceback when collected: its done-callback, where
+  ``gather`` retrieves it, was still queued when the loop closed."""
+  async def read(delay):
+    for _ in range(delay):
+      await asyncio.sleep(0)
+    raise OSError(f"read failed after {delay} yields")
+
+  async def restore():
+    await asyncio.gather(read(0), read(later))
+
+  with pytest.raises(OSError, match="after 0 yields"):
+    ckpt_lib._run_sync_draining(restore())
+  gc.collect()
+  assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
+
+
 def test_garbled_array_bytes_are_caught_by_checksums(tmp_path, capfd):
   """Bytes flipped inside an array orbax stores raw (random floats do not
   compress) load without any error from orbax; the checksum catches them."""
