@@ -107,5 +107,5 @@ case "$mode" in
     browser_for_tests
     # two workers (one per core); a file's tests stay on one worker, so its module
     # fixtures (trained runs, the SmolLM2 reference) are built once; slowest printed
-    exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 "$@" ;;
+    exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 "$@" ;;
 esac
