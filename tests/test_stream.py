@@ -8,6 +8,7 @@ one.  Across processes the blocks go on host threads instead
 (tests/test_multiprocess.py).
 """
 
+import json
 import re
 
 import jax
@@ -85,3 +86,43 @@ def test_stream_refuses_bidirectional_models_and_training():
                                train=True, out_seq_dim=1)
   with pytest.raises(ValueError, match="for inference"):
     jax.jit(train)(params, rest, TOKENS, jnp.arange(32))
+
+
+def test_the_first_rank_does_not_wait_for_a_slowed_later_rank(tmp_path):
+  """2 processes on the host transport, rank 1 sleeping 0.1 s before handing
+  over each layer's block: rank 0 ends its forward without waiting for it,
+  every layer's block goes 0 -> 1 and none back (counted by the transport),
+  and the timeline's plot is written."""
+  from cli_helpers import last_json, run
+  timeline = tmp_path / "timeline.json"
+  out = last_json(run("infer.launch", "--procs=2", "--", "infer.lab.prefill_time",
+                      "--model=gpt2:nano", "--tokens=64", "--mesh=2", "--repeats=1",
+                      "--exchange=stream:groups=4,codebook_size=16", f"--timeline={timeline}",
+                      "--slow-rank=1:0.1", timeout=300))
+  first, second = out["timeline"]["ranks"]
+  layers = out["layers"]
+  assert first["exchanges"] == second["exchanges"] == layers == 2
+  assert (first["messages_sent"], first["messages_received"]) == (layers, 0)
+  assert (second["messages_sent"], second["messages_received"]) == (0, layers)
+  assert second["slept_s"] >= 0.1 * layers and first["slept_s"] == 0
+  assert first["waited_s"] < 0.02, first  # rank 0 has nobody to wait for
+  assert first["finished_at_s"] + 0.15 < second["finished_at_s"], out["timeline"]
+  assert json.loads(timeline.read_text())["summary"] == out["timeline"]
+  assert timeline.with_suffix(".png").stat().st_size > 10_000
+  timeline.with_suffix(".png").unlink()
+  replot = last_json(run("infer.lab.timeline_plot", str(timeline)))
+  assert replot["ranks"] == out["timeline"]["ranks"] and timeline.with_suffix(".png").exists()
+
+
+def test_timeline_flags_need_the_stream_host_transport(tmp_path):
+  from cli_helpers import assert_clean_errors
+  assert_clean_errors([
+      (("infer.lab.prefill_time", "--model=gpt2:nano", "--tokens=64", "--mesh=2",
+        f"--timeline={tmp_path}/t.json"), "add --exchange stream"),
+      (("infer.lab.prefill_time", "--model=gpt2:nano", "--tokens=64", "--mesh=2",
+        "--exchange=stream", "--slow-rank=one"), "--slow-rank is RANK:SECONDS"),
+      (("infer.lab.prefill_time", "--model=gpt2:nano", "--tokens=64", "--mesh=2",
+        "--exchange=stream", f"--timeline={tmp_path}/t.json"),
+       "need the stream exchange's host transport: launch one process per device"),
+      (("infer.lab.timeline_plot", str(tmp_path / "none.json")), "no file"),
+  ])

@@ -39,6 +39,11 @@ def set_host(transport: Callable | None) -> None:
   _HOST = transport
 
 
+def host() -> Callable | None:
+  """The registered host transport (None when there is none)."""
+  return _HOST
+
+
 def uses_host(axis_name: str) -> bool:
   """Whether ``forward`` goes through the host transport: one is registered and
   every device of the axis is in its own process."""

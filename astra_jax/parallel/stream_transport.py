@@ -15,6 +15,11 @@ store; connections to the later ranks are opened at the first exchange.
 Blocks are matched by order: every rank runs the same program, so the n-th
 block a rank receives from rank j is j's n-th.  A peer that dies closes its
 connection, and the next exchange stops with an error naming it.
+
+``record()`` starts a timeline (``Timeline``): for every exchange, when the
+device handed its block over (its layer's compute ended), when the later
+ranks' copies left this host and when the earlier ranks' blocks arrived and
+were taken; ``infer.lab.prefill_time --timeline`` plots one forward's.
 """
 
 from __future__ import annotations
@@ -23,12 +28,36 @@ import queue
 import socket
 import struct
 import threading
+import time
 
 import numpy as np
 
 KEY = "astra_jax/stream/{rank}"
 CONNECT_TIMEOUT_MS = 60_000
 _CLOSED = object()
+
+
+class Timeline:
+  """Wall-clock events of one rank's exchanges, numbered from ``record()``.
+
+  ``calls``: per exchange n, [reached, handed over, earlier ranks' blocks all
+  taken] (reached = the layer's K/V or codes computed; handed over = after
+  the lab's ``delay``, the same time otherwise; taken - handed over = the
+  time the device waited on the link).  ``sent[dest]`` and
+  ``arrived[src]``: per message n, when its last byte was handed to the
+  kernel for rank ``dest`` / read from rank ``src``.
+  """
+
+  def __init__(self, rank: int, size: int):
+    self.rank = rank
+    self.calls: list[list[float]] = []
+    self.sent = {i: [] for i in range(rank + 1, size)}
+    self.arrived = {j: [] for j in range(rank)}
+
+  def as_dict(self) -> dict:
+    return {"rank": self.rank, "calls": self.calls,
+            "sent": {str(k): v for k, v in self.sent.items()},
+            "arrived": {str(k): v for k, v in self.arrived.items()}}
 
 
 class Transport:
@@ -40,6 +69,9 @@ class Transport:
     self.outbox = {i: queue.Queue() for i in range(rank + 1, size)}
     self._connected = False
     self._lock = threading.Lock()
+    self.timeline: Timeline | None = None
+    self._counts = {"sent": {i: 0 for i in self.outbox}, "arrived": {j: 0 for j in self.inbox}}
+    self.delay = 0.0  # seconds slept per exchange before handing the block over (lab only)
     self._server = socket.create_server((host, 0))
     kv.key_value_set(KEY.format(rank=rank), f"{host}:{self._server.getsockname()[1]}")
     threading.Thread(target=self._accept, daemon=True, name="stream-accept").start()
@@ -55,7 +87,9 @@ class Transport:
     try:
       while True:
         (size,) = struct.unpack("!Q", _read(conn, 8))
-        self.inbox[sender].put(_read(conn, size))
+        payload = _read(conn, size)
+        self._note("arrived", sender)
+        self.inbox[sender].put(payload)
     except (ConnectionError, OSError):
       self.inbox[sender].put(_CLOSED)
 
@@ -66,9 +100,33 @@ class Transport:
       conn = socket.create_connection((host, int(port)))
       conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
       conn.sendall(struct.pack("!I", self.rank))
-      threading.Thread(target=_write_loop, args=(conn, box), daemon=True,
+      threading.Thread(target=self._write_loop, args=(conn, box, dest), daemon=True,
                        name=f"stream-to-{dest}").start()
     self._connected = True
+
+  def record(self) -> Timeline:
+    """Starts a fresh timeline (the exchanges after this call, numbered from 0)."""
+    self.timeline = Timeline(self.rank, self.size)
+    return self.timeline
+
+  def counts(self) -> dict[str, dict[int, int]]:
+    """Messages sent to each later rank / received from each earlier rank so far."""
+    return {kind: dict(per_peer) for kind, per_peer in self._counts.items()}
+
+  def _note(self, kind: str, peer: int) -> None:
+    self._counts[kind][peer] += 1
+    timeline = self.timeline
+    if timeline is not None:
+      getattr(timeline, kind)[peer].append(time.time())
+
+  def _write_loop(self, conn: socket.socket, box: queue.Queue, dest: int) -> None:
+    try:
+      while True:
+        payload = box.get()
+        conn.sendall(struct.pack("!Q", len(payload)) + payload)
+        self._note("sent", dest)
+    except OSError:
+      return
 
   def __call__(self, index, block) -> np.ndarray:
     """(this device's axis index, its block) -> [P, *block.shape], earlier
@@ -79,6 +137,10 @@ class Transport:
     with self._lock:
       if not self._connected:
         self._connect()
+    reached = time.time()
+    if self.delay:
+      time.sleep(self.delay)
+    handed = time.time() if self.delay else reached
     data = np.ascontiguousarray(block)
     payload = data.tobytes()
     for box in self.outbox.values():
@@ -90,6 +152,8 @@ class Transport:
         raise RuntimeError(f"stream exchange: process {sender} closed its connection (did it "
                            "die?); restart the run")
       out[sender] = np.frombuffer(got, data.dtype).reshape(data.shape)
+    if self.timeline is not None:
+      self.timeline.calls.append([reached, handed, time.time()])
     return out
 
 
@@ -101,15 +165,6 @@ def _read(conn: socket.socket, n: int) -> bytes:
       raise ConnectionError("closed")
     buf += chunk
   return bytes(buf)
-
-
-def _write_loop(conn: socket.socket, box: queue.Queue) -> None:
-  try:
-    while True:
-      payload = box.get()
-      conn.sendall(struct.pack("!Q", len(payload)) + payload)
-  except OSError:
-    return
 
 
 def local_address(coordinator: str | None) -> str:

@@ -22,6 +22,15 @@ token, bit-packed) and the work done are the same as with trained codebooks,
 so the timing does not depend on the codebook values, while the outputs are
 meaningless.  ``--mesh 1`` is the single-device baseline (no collectives).
 
+``--timeline PATH`` (the ``stream`` exchange in a multi-process launch, one
+device per process) records one more forward's per-layer events on every
+rank (``astra_jax.parallel.stream_transport.Timeline``: when each layer's
+block was handed over, when the earlier ranks' blocks arrived, how long the
+device waited) and writes them to PATH as JSON and a plot beside it
+(PATH with ``.png``; ``infer.lab.timeline_plot``).  ``--slow-rank R:S``
+makes rank R sleep S seconds before handing over each layer's block, to show
+that the earlier ranks do not wait for it.
+
 The last line is one JSON object: model (as given), tokens, mesh, processes, exchange,
 groups, codebook_size, vocab_size, latency_s (median), latency_min_s, latencies_s (every repeat),
 bytes_per_device (collective bytes of the compiled forward, from its HLO),
@@ -60,6 +69,12 @@ def parse(argv):
                  help="untimed forwards after compiling")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="also write the JSON result here")
+  p.add_argument("--timeline", default=None, metavar="PATH",
+                 help="stream exchange, multi-process: write one forward's per-rank, "
+                 "per-layer timeline to PATH (JSON) and PATH with .png (a plot)")
+  p.add_argument("--slow-rank", default=None, metavar="R:SECONDS",
+                 help="stream exchange, multi-process: rank R sleeps SECONDS before handing "
+                 "over each layer's block (shows that earlier ranks do not wait)")
   cli.add_exchange_flags(p)
   cli.add_tp_flag(p)
   distributed.add_flags(p)
@@ -78,6 +93,17 @@ def parse(argv):
       p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
   if args.warmup < 0:
     p.error(f"--warmup must be >= 0, got {args.warmup}")
+  if args.slow_rank is not None:
+    rank, _, seconds = args.slow_rank.partition(":")
+    try:
+      args.slow_rank = (int(rank), float(seconds))
+    except ValueError:
+      args.slow_rank = None
+    if args.slow_rank is None or args.slow_rank[0] < 0 or not 0 <= args.slow_rank[1] <= 10:
+      p.error(f"--slow-rank is RANK:SECONDS (a rank >= 0, 0-10 s), e.g. 1:0.05")
+  if (args.timeline or args.slow_rank) and not args.exchange.startswith("stream"):
+    p.error("--timeline and --slow-rank time the stream exchange's host transport: "
+            "add --exchange stream:... (and launch one process per device)")
   return args
 
 
@@ -161,6 +187,10 @@ def measure(args) -> dict:
   sync = cli.sync_from_flags(args)
   if sync is None:
     mesh_lib.check_divisible(args.tokens, args.mesh, what="token")
+  if args.timeline or args.slow_rank:
+    transport = host_transport(args)
+    if args.slow_rank and jax.process_index() == args.slow_rank[0]:
+      transport.delay = args.slow_rank[1]
   model, inputs, out_seq_dim, (width, layers) = build(args, exchange, sync)
   fwd = forward.inference_forward(model, args.mesh, out_seq_dim=out_seq_dim,
                                 tensor=sync is not None)
@@ -180,6 +210,8 @@ def measure(args) -> dict:
     jax.block_until_ready(compiled(params, rest, *inputs))
     times.append(time.perf_counter() - start)
   times = slowest(times)
+  timeline = record_timeline(args, lambda: compiled(params, rest, *inputs)) \
+      if args.timeline else None
   return {
       "model": args.model, "tokens": args.tokens, "batch": args.batch, "mesh": args.mesh,
       "processes": jax.process_count(), "exchange": exchange.name,
@@ -192,7 +224,57 @@ def measure(args) -> dict:
       "latency_s": statistics.median(times), "latency_min_s": min(times), "latencies_s": times,
       "bytes_per_device": bytes_per_device, "compile_s": compile_s,
       "cores": len(os.sched_getaffinity(0)), "platform": jax.devices()[0].platform,
+      **({"timeline": timeline} if timeline else {}),
   }
+
+
+def host_transport(args):
+  """This process's stream transport, or a one-line error when the run does not
+  use one (``--timeline``/``--slow-rank`` need it)."""
+  import jax
+  from astra_jax.core import streaming
+  transport = streaming.host()
+  if transport is None or not streaming.uses_host("seq"):
+    raise ValueError(
+        "--timeline and --slow-rank need the stream exchange's host transport: launch one "
+        f"process per device (python -m infer.launch --procs {args.mesh} -- "
+        "infer.lab.prefill_time ... or infer.lab.testbed)")
+  if args.slow_rank and args.slow_rank[0] >= jax.process_count():
+    raise ValueError(f"--slow-rank {args.slow_rank[0]} is not a rank of this "
+                     f"{jax.process_count()}-process run")
+  return transport
+
+
+def record_timeline(args, forward_once) -> dict:
+  """One forward with every rank's transport recording; process 0 gathers the
+  ranks' events (the coordination service's key-value store), writes
+  ``--timeline`` and its plot, and returns the summary."""
+  import json
+  import jax
+  from jax._src import distributed as jax_distributed
+  from infer.lab import timeline_plot
+  transport = host_transport(args)
+  barrier("timeline")
+  timeline = transport.record()
+  start = time.time()
+  jax.block_until_ready(forward_once())
+  end = time.time()
+  transport.timeline = None
+  mine = {**timeline.as_dict(), "start": start, "end": end, "delay_s": transport.delay}
+  kv = jax_distributed.global_state.client
+  kv.key_value_set(f"astra_jax/timeline/{jax.process_index()}", json.dumps(mine))
+  ranks = [json.loads(kv.blocking_key_value_get(f"astra_jax/timeline/{r}", 60_000))
+           for r in range(jax.process_count())]
+  record = {"model": args.model, "tokens": args.tokens, "exchange": args.exchange,
+            "ranks": ranks}
+  summary = timeline_plot.summarise(record)
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(args.timeline)), exist_ok=True)
+    with open(args.timeline, "w") as f:
+      json.dump({**record, "summary": summary}, f, indent=1)
+    timeline_plot.plot(record, os.path.splitext(args.timeline)[0] + ".png")
+  barrier("timeline written")
+  return summary
 
 
 def main(argv=None):
