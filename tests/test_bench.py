@@ -99,3 +99,35 @@ def test_tensor_parallel_strategies_in_the_bench(tmp_path):
   assert {s["mesh"] for s in data["skipped"]} == {8}
   assert "4 heads do not split over 8" in (tmp_path / "bench.md").read_text() or \
       "do not split over 8" in (tmp_path / "bench.md").read_text()
+
+
+def test_stream_rows_walk_the_pipelined_schedule(tmp_path):
+  """The stream exchange's rows: the pipelined schedule's time from the same
+  compute and per-message bytes, and a ViT skipped with the reason."""
+  from astra_jax.netsim import pipeline
+  bench.main(["--models", "gpt2-micro", "vit-mu7", "--mesh", "1", "4", "--bandwidths", "10",
+              "1000", "--exchanges", "vq:groups=32", "stream:groups=32",
+              "--profiles", "gtx1660ti", "--out", str(tmp_path)])
+  data = json.loads((tmp_path / "bench.json").read_text())
+  rows = {(r["model"], r["mesh"], r["bandwidth"], r["exchange"]): r for r in data["rows"]}
+  for mbps in ("10", "1000"):
+    vq, stream = rows["gpt2-micro", 4, mbps, "vq:groups=32"], rows["gpt2-micro", 4, mbps,
+                                                                   "stream:groups=32"]
+    assert stream["compute_s"] == pytest.approx(vq["compute_s"], rel=1e-5)
+    # the block of 64 tokens x 40 bytes x (K, V) shifted by 1, 2, 3 devices each layer
+    assert stream["model_inputs"]["transfers"]["per_layer"] == [
+        ["collective-permute", 3, 3 * 2 * 64 * 40]]
+    inputs = stream["model_inputs"]
+    walked = pipeline.streaming_prefill(
+        layers=4, layer_compute_s=inputs["layer_compute_s"], mesh_size=4,
+        message_s=2 * 64 * 40 * 8 / (int(mbps) * 1e6), latency_s=inputs["message_latency_s"],
+        embed_s=inputs["embed_s"], head_s=inputs["head_s"])
+    assert stream["latency_s"] == pytest.approx(walked.total_s, rel=1e-5)
+  # at 1000 Mbit/s the per-message latencies overlap instead of adding up per
+  # layer; at 10 Mbit/s both are link-bound (the last device's downlink takes
+  # 3 blocks a layer either way) and the stream also pays the pipeline's fill
+  fast = [rows["gpt2-micro", 4, "1000", e]["latency_s"] for e in ("stream:groups=32",
+                                                                 "vq:groups=32")]
+  assert fast[0] < 0.8 * fast[1]
+  assert not [k for k in rows if k[0] == "vit-mu7" and k[3].startswith("stream")]
+  assert any("stream exchange is for causal models" in s["why"] for s in data["skipped"])

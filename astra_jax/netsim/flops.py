@@ -219,6 +219,13 @@ def _vq_cost(exchange, shape, mesh_size) -> Cost:
   return per_tensor.scale(2)
 
 
+@register_exchange_cost("stream")
+def _stream_cost(exchange, shape, mesh_size) -> Cost:
+  """The vq work (encode and decode) with codes, none with exact K/V: the
+  schedule differs from the all-gather's, not the arithmetic."""
+  return _vq_cost(exchange, shape, mesh_size) if exchange.quantize else Cost()
+
+
 def tensor_layer_cost(shape: LayerShape, mesh_size: int, sync: Any = None,
                       head_dim: int | None = None) -> Cost:
   """One layer's FLOPs and bytes on one of ``mesh_size`` tensor-parallel devices.
