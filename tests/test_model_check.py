@@ -12,7 +12,8 @@ from infer.lab import bench, model_check
 from tests.cli_helpers import assert_clean_errors, last_json, run
 from tests.test_testbed import needs_netns
 
-STRATEGIES = ["exact", "ring", "tp", "flash:bits=4,group_size=128", "vq:groups=32"]
+STRATEGIES = ["exact", "ring", "tp", "flash:bits=4,group_size=128", "vq:groups=32",
+              "stream:groups=32", "stream:quantize=false"]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,28 @@ def test_link_efficiency_in_the_bench_equals_the_recomputed_row(bench_rows, tmp_
   exact, nominal = slow["exact"], bench_rows["exact"]
   alpha = 4 * 1e-3  # 4 layers, one all-gather each
   assert exact["comm_s"] - alpha == pytest.approx(2 * (nominal["comm_s"] - alpha), rel=1e-5)
+
+
+def test_a_streamed_run_joins_its_pipelined_row(bench_rows):
+  """prefill_time's result names the stream exchange and whether it quantizes;
+  the join finds the bench row of that spec, whose recomputation walks the
+  pipelined schedule with the permute's measured efficiency."""
+  rows_in = [dict(r, profile="measured") for r in bench_rows.values()]
+  base = {"model": "gpt2:micro", "tokens": 256, "mesh": 2, "rate_mbit": 10.0,
+          "exchange": "stream", "groups": 32, "codebook_size": 1024}
+  runs = [dict(base, quantize=True, latency_s=1.0), dict(base, quantize=False, latency_s=2.0)]
+  assert [model_check.spec(r) for r in runs] == ["stream:groups=32", "stream:quantize=false"]
+  (kind, count, nbytes), = bench_rows["stream:groups=32"]["model_inputs"]["transfers"][
+      "per_layer"]
+  assert (kind, count, nbytes) == ("collective-permute", 1, 128 * 2 * 40)  # T/P x (K, V) x 40 B
+  probes = {10.0: {("collective-permute", nbytes): 0.5,
+                   ("collective-permute", 128 * 2 * 128 * 4): 1.0}}
+  rows = {r["exchange"]: r for r in model_check.join(rows_in, runs, probes)}
+  g32 = rows["stream:groups=32"]
+  assert g32["predicted_s"] == bench_rows["stream:groups=32"]["latency_s"]
+  assert g32["calibrated_s"] > g32["predicted_s"]  # the codes at half the rate
+  assert rows["stream:quantize=false"]["calibrated_s"] == pytest.approx(
+      rows["stream:quantize=false"]["predicted_s"], rel=1e-5)
 
 
 def test_join_adds_calibrated_columns(bench_rows):

@@ -79,6 +79,8 @@ def parse(argv):
   p.add_argument("--repeats", type=cli.at_least(1), default=5)
   p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
                  help="testbed models to measure (default all)")
+  p.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=None,
+                 help="measure only these of each model's strategies (default: all of them)")
   p.add_argument("--bucket", choices=BUCKETS, default="tbf",
                  help="calibrated model's token bucket: tbf = the testbed's tbf depth, "
                       "refilled while a rank computes; none = no credit (every byte at "
@@ -115,7 +117,13 @@ STRATEGIES = {
     "vq-g32-k4096": ("vq:groups=32,codebook_size=4096",
                      ["--exchange", "vq", "--groups", "32", "--codebook-size", "4096"]),
     "vq-g32-overlap": ("vq:groups=32,overlap=true", ["--exchange", "vq:groups=32,overlap=true"]),
+    # forward streaming (issue 28): the same three, each layer's block sent only to
+    # the later rank, on host threads; the bench walks the pipelined schedule
+    "stream-exact": ("stream:quantize=false", ["--exchange", "stream:quantize=false"]),
+    "stream-g32": ("stream:groups=32", ["--exchange", "stream:groups=32"]),
+    "stream-g1": ("stream:groups=1", ["--exchange", "stream:groups=1"]),
 }
+STREAMED = ("stream-exact", "stream-g32", "stream-g1")
 
 
 # testbed model (prefill_time --model) -> the strategies measured on it: every
@@ -124,8 +132,8 @@ STRATEGIES = {
 MODELS = {
     "gpt2:mini": ("exact", "vq-g32", "vq-g1", "ring", "tp", "spd-all", "flash4"),
     "gpt2:small": ("exact", "vq-g32", "vq-g1", "vq-g32-k256", "vq-g32-k4096",
-                   "vq-g32-overlap"),
-    "smollm2": ("exact", "vq-g32", "vq-g1"),
+                   "vq-g32-overlap", *STREAMED),
+    "smollm2": ("exact", "vq-g32", "vq-g1", *STREAMED),
 }
 # prefill_time flags that make a testbed model the bench workload of its name:
 # GPT-2 small with GPT-2's vocabulary (its head is a quarter of the one-device prefill)
@@ -150,15 +158,18 @@ def measure(args) -> None:
       base = os.path.join(args.testbed, f"{model.replace(':', '-')}_1024")
       run(["taskset", "-c", "0", *py, *probe, "--mesh", "1", "--out", f"{base}_single.json"])
       for rate in args.rates:
-        for name in MODELS[model]:
+        for name in strategies(args, model):
+          # streamed rows also write one forward's per-rank timeline and its plot
+          timeline = ([f"--timeline={base}_rate{rate:g}_{name}_timeline.json"]
+                      if name in STREAMED else [])
           run([*py, "infer.lab.testbed", "--procs", "2", f"--rate={rate:g}", "--cores-per-proc",
                "1", "--out", f"{base}_rate{rate:g}_{name}.json", "--", *probe, "--mesh", "2",
-               *STRATEGIES[name][1]])
+               *STRATEGIES[name][1], *timeline])
   if "bench" in args.measure:
     run(["taskset", "-c", "0", *py, "infer.lab.bench", "--models",
          *(m.replace(":", "-") for m in args.models), "--mesh", "2",
          "--bandwidths", *[f"{r:g}" for r in args.rates], "--strategies",
-         *dict.fromkeys(STRATEGIES[n][0] for m in args.models for n in MODELS[m]),
+         *dict.fromkeys(STRATEGIES[n][0] for m in args.models for n in strategies(args, m)),
          "--profiles", "measured", "--repeats", str(args.repeats),
          "--out", os.path.dirname(args.bench)])
   if "probes" in args.measure:
@@ -173,6 +184,11 @@ def measure(args) -> None:
            "--out", probe_file(args.testbed, kind, nbytes, rate), "--",
            "infer.lab.collective_time", "--kind", kind, "--bytes", str(nbytes), "--count",
            str(count), "--mesh", "2", f"--repeats={args.repeats}"])
+
+
+def strategies(args, model: str) -> list[str]:
+  """The strategies measured on ``model``: its own, less those --strategies leaves out."""
+  return [n for n in MODELS[model] if args.strategies is None or n in args.strategies]
 
 
 def probe_file(folder: str, kind: str, nbytes: int, rate: float) -> str:
@@ -281,13 +297,18 @@ def row_efficiency(row: dict, probed: dict[tuple[str, int], float]) -> dict[str,
 
 def recompute(row: dict, efficiency: dict[str, float], burst_bytes: float = 0.0) -> float:
   """A bench row's modelled latency with per-kind link efficiencies and a token bucket."""
-  from astra_jax.netsim import latency
+  from astra_jax.netsim import latency, pipeline
   inputs = row["model_inputs"]
   transfers = {part: [latency.Transfer(*t) for t in inputs["transfers"][part]]
                for part in ("per_layer", "final")}
   net = latency.Network(latency.Trace.constant(row["bandwidth_mbps"]), row["topology"],
                         inputs["message_latency_s"],
                         tuple(sorted(efficiency.items())), burst_bytes)
+  if row["exchange"].startswith("stream"):  # the pipelined schedule (bucket not credited)
+    return pipeline.streaming_latency(
+        layers=row["layers"], layer_compute_s=inputs["layer_compute_s"],
+        layer_transfers=transfers["per_layer"], mesh_size=row["mesh"], network=net,
+        embed_s=inputs["embed_s"], head_s=inputs["head_s"]).total_s
   return latency.prefill_latency(
       layers=row["layers"], layer_compute_s=inputs["layer_compute_s"],
       layer_transfers=transfers["per_layer"], mesh_size=row["mesh"], network=net,
@@ -300,7 +321,9 @@ def spec(run: dict) -> str:
   if run.get("tp"):
     return run["tp"]
   options = []
-  if run["exchange"] == "vq":
+  if run["exchange"] == "stream" and run.get("quantize") is False:
+    return "stream:quantize=false"
+  if run["exchange"] in ("vq", "stream"):
     options.append(f"groups={run['groups']}")
     if run.get("codebook_size", 1024) != 1024:
       options.append(f"codebook_size={run['codebook_size']}")

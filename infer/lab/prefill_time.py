@@ -219,6 +219,7 @@ def measure(args) -> dict:
       "parallelism": "tensor" if sync else "sequence", "tp": args.tp,
       "groups": getattr(exchange, "groups", None),
       "codebook_size": getattr(exchange, "codebook_size", None),
+      "quantize": getattr(exchange, "quantize", None),
       "overlap": exchange.overlap, "width": width, "layers": layers,
       "vocab_size": getattr(model.cfg, "vocab_size", None),
       "latency_s": statistics.median(times), "latency_min_s": min(times), "latencies_s": times,
