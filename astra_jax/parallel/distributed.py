@@ -129,6 +129,13 @@ def initialize(args: argparse.Namespace, mesh_size: int) -> None:
                      f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); start every "
                      "process with the same --coordinator and --num-processes") from e
   sys.excepthook = _excepthook(sys.excepthook, args.process_id, jax.process_count())
+  if jax.devices()[0].platform == "cpu":
+    # A program one process loaded from JAX's persistent compilation cache
+    # while another compiled it (only process 0 writes the cache) left gloo's
+    # collectives waiting for ever: a 2-process evaluation hung with
+    # JAX_COMPILATION_CACHE_DIR set (jax 0.12.1, 2026-12-06).  Multi-process
+    # CPU runs compile every program themselves (set before the first compile).
+    jax.config.update("jax_enable_compilation_cache", False)
   from astra_jax.parallel import stream_transport
   stream_transport.install(args.coordinator)  # the stream exchange's forward-only links
   if len(jax.devices()) != mesh_size:
