@@ -33,6 +33,11 @@ the depth the testbed configures: it refills while a rank computes): the
 ``calibrated`` columns.  The probes measure the collectives, not the forwards
 they are compared with, so nothing is fitted to the answer.
 
+Streamed rows (``stream-*``: each layer's block on the stream exchange's own
+TCP connection, not a gloo collective) are calibrated with the rate the
+testbed measured before the run (``measured_mbit``: one TCP stream over the
+same shaped link), and the pipelined schedule credits no bucket.
+
 ``--bucket none`` joins again with no bucket credited (every byte of a layer's
 exchange at the measured rate), to read how much of a row's calibrated time
 the bucket's refill during compute takes off (``--out`` elsewhere keeps the
@@ -235,7 +240,8 @@ def needed_probes(bench_rows: list[dict], runs: list[dict]) -> set[tuple[float, 
   """(rate, kind, message bytes) of every collective in a measured multi-device row."""
   need = set()
   for run, row in matches(bench_rows, runs):
-    if row is None or run.get("mesh", 1) == 1 or "model_inputs" not in row:
+    if (row is None or run.get("mesh", 1) == 1 or "model_inputs" not in row
+        or spec(run).startswith("stream")):  # calibrated by the testbed's TCP probe
       continue
     need.update((row["bandwidth_mbps"], *key) for key in row_messages(row))
   return need
@@ -341,6 +347,7 @@ def join(bench_rows: list[dict], runs: list[dict],
   testbed's tbf bucket (``bucket="tbf"``), none (``"none"``) or the bucket
   ``gap_buckets`` measured per rate by idle-gap probes (``"measured"``)."""
   rows = []
+  single_s = {(r["model"], r["tokens"]): r["latency_s"] for r in runs if r.get("mesh", 1) == 1}
   for run, hit in matches(bench_rows, runs):
     if hit is None:
       continue
@@ -349,7 +356,13 @@ def join(bench_rows: list[dict], runs: list[dict],
     predicted = hit["single_device_s"] if single else hit["latency_s"]
     measured = run["latency_s"]
     calibrated = predicted if single and probes else None
-    if not single and probes and rate in probes:
+    if not single and spec(run).startswith("stream") and run.get("measured_mbit"):
+      # the stream exchange's blocks travel on one plain TCP connection per pair of
+      # ranks (stream_transport), not through gloo: the testbed's own probe before
+      # the run, one TCP stream on the same link, is its measured rate
+      eff = {"collective-permute": min(1.0, run["measured_mbit"] / rate)}
+      calibrated = recompute(hit, eff)
+    elif not single and probes and rate in probes:
       if "model_inputs" not in hit:
         raise ValueError("the bench rows predate model_inputs: rerun the bench command in "
                          "this module's docstring")
@@ -362,7 +375,14 @@ def join(bench_rows: list[dict], runs: list[dict],
                  "error": predicted / measured - 1,
                  **({"calibrated_s": calibrated, "calibrated_error": calibrated / measured - 1}
                     if calibrated is not None else {}),
-                 "bytes_per_device": run.get("bytes_per_device", 0)})
+                 "bytes_per_device": run.get("bytes_per_device", 0),
+                 **({"vs_one_device": single_s[run["model"], run["tokens"]] / measured}
+                    if (run["model"], run["tokens"]) in single_s else {}),
+                 # a streamed run's timeline (prefill_time --timeline): each rank's
+                 # seconds computing and waiting for earlier ranks' blocks
+                 **({"ranks_computed_s": [r["computed_s"] for r in run["timeline"]["ranks"]],
+                     "ranks_waited_s": [r["waited_s"] for r in run["timeline"]["ranks"]]}
+                    if "timeline" in run else {})})
   return sorted(rows, key=lambda r: (r["model"], r["rate_mbit"] or 0, r["exchange"]))
 
 
@@ -387,9 +407,13 @@ def markdown(rows: list[dict],
              probes: dict[float, dict[tuple[str, int], float]] | None = None,
              bucket: str = "tbf", gap_buckets: dict[float, int] | None = None) -> str:
   calibrated = any("calibrated_s" in r for r in rows)
+  speedups = any("vs_one_device" in r for r in rows)
+  timelines = any("ranks_waited_s" in r for r in rows)
   head = ["model", "tokens", "devices", "link Mbit/s", "exchange", "measured s (median)",
           "model s", "model error"] + (["calibrated model s", "calibrated error"]
-                                       if calibrated else [])
+                                       if calibrated else []) + \
+      (["vs one device"] if speedups else []) + \
+      (["per rank: computing / waiting s"] if timelines else [])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     cells = [r["model"], str(r["tokens"]), str(r["mesh"]), f"{r['rate_mbit'] or '-'}",
@@ -398,6 +422,12 @@ def markdown(rows: list[dict],
     if calibrated:
       cells += [f"{r['calibrated_s']:.3f}", f"{100 * r['calibrated_error']:+.0f}%"] \
           if "calibrated_s" in r else ["-", "-"]
+    if speedups:
+      cells.append(f"{r['vs_one_device']:.2f}x" if "vs_one_device" in r else "-")
+    if timelines:
+      cells.append(", ".join(f"{c:.2f} / {w:.2f}" for c, w in zip(r["ranks_computed_s"],
+                                                                  r["ranks_waited_s"]))
+                   if "ranks_waited_s" in r else "-")
     lines.append("| " + " | ".join(cells) + " |")
   for rate, kinds in sorted((probes or {}).items()):
     if bucket == "measured" and rate not in (gap_buckets or {}):

@@ -260,6 +260,7 @@ def record_timeline(args, forward_once) -> dict:
   start = time.time()
   jax.block_until_ready(forward_once())
   end = time.time()
+  barrier("timeline forward")  # every rank done: every block sent and received
   transport.timeline = None
   mine = {**timeline.as_dict(), "start": start, "end": end, "delay_s": transport.delay}
   kv = jax_distributed.global_state.client
