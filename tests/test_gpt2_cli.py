@@ -53,6 +53,13 @@ def test_vq_finetune_eval_and_generation(exact_run, corpus, tmp_path):
   out = last_json(gen)
   assert out["new_tokens"] == 12 and gen.stdout.startswith("To be, or")
   assert out["completion"] in gen.stdout
+  # the run's codebooks streamed forward over 2 processes (host transport, TCP)
+  # give the one-process all-gather's perplexity exactly: identical codes
+  vq = last_json(run("infer.gpt2", f"--workdir={vq_dir}", "--mesh=2", "--eval"))
+  stream = last_json(run("infer.launch", "--procs=2", "--", "infer.gpt2", f"--workdir={vq_dir}",
+                         "--mesh=2", "--eval", "--exchange=stream"))
+  assert stream["exchange"] == "stream" and stream["bytes_per_device"] == 0  # none in XLA
+  assert (stream["perplexity"], stream["loss"]) == (vq["perplexity"], vq["loss"])
 
 
 def test_bpe_tokenizer_from_local_files(corpus, tmp_path):
