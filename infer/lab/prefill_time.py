@@ -255,8 +255,10 @@ def record_timeline(args, forward_once) -> dict:
   from jax._src import distributed as jax_distributed
   from infer.lab import timeline_plot
   transport = host_transport(args)
-  barrier("timeline")
+  # recording starts before the barrier: rank 0 never waits, so its first block
+  # can reach a later rank before that rank has left the barrier
   timeline = transport.record()
+  barrier("timeline")
   start = time.time()
   jax.block_until_ready(forward_once())
   end = time.time()
