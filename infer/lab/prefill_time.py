@@ -39,6 +39,7 @@ compile_s, cores (CPUs this process may run on).
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import statistics
@@ -72,7 +73,7 @@ def parse(argv):
   p.add_argument("--timeline", default=None, metavar="PATH",
                  help="stream exchange, multi-process: write one forward's per-rank, "
                  "per-layer timeline to PATH (JSON) and PATH with .png (a plot)")
-  p.add_argument("--slow-rank", default=None, metavar="R:SECONDS",
+  p.add_argument("--slow-rank", type=rank_seconds, default=None, metavar="R:SECONDS",
                  help="stream exchange, multi-process: rank R sleeps SECONDS before handing "
                  "over each layer's block (shows that earlier ranks do not wait)")
   cli.add_exchange_flags(p)
@@ -93,18 +94,23 @@ def parse(argv):
       p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
   if args.warmup < 0:
     p.error(f"--warmup must be >= 0, got {args.warmup}")
-  if args.slow_rank is not None:
-    rank, _, seconds = args.slow_rank.partition(":")
-    try:
-      args.slow_rank = (int(rank), float(seconds))
-    except ValueError:
-      args.slow_rank = None
-    if args.slow_rank is None or args.slow_rank[0] < 0 or not 0 <= args.slow_rank[1] <= 10:
-      p.error(f"--slow-rank is RANK:SECONDS (a rank >= 0, 0-10 s), e.g. 1:0.05")
   if (args.timeline or args.slow_rank) and not args.exchange.startswith("stream"):
     p.error("--timeline and --slow-rank time the stream exchange's host transport: "
             "add --exchange stream:... (and launch one process per device)")
   return args
+
+
+def rank_seconds(text: str) -> tuple[int, float]:
+  """``--slow-rank``'s RANK:SECONDS (a rank >= 0, 0-10 s)."""
+  rank, _, seconds = text.partition(":")
+  try:
+    parsed = int(rank), float(seconds)
+  except ValueError:
+    parsed = (-1, 0.0)
+  if parsed[0] < 0 or not 0 <= parsed[1] <= 10:
+    raise argparse.ArgumentTypeError(
+        f"--slow-rank is RANK:SECONDS (a rank >= 0, 0-10 s), e.g. 1:0.05; got {text!r}")
+  return parsed
 
 
 def build(args, exchange, sync=None):
@@ -187,10 +193,9 @@ def measure(args) -> dict:
   sync = cli.sync_from_flags(args)
   if sync is None:
     mesh_lib.check_divisible(args.tokens, args.mesh, what="token")
-  if args.timeline or args.slow_rank:
-    transport = host_transport(args)
-    if args.slow_rank and jax.process_index() == args.slow_rank[0]:
-      transport.delay = args.slow_rank[1]
+  transport = host_transport(args) if args.timeline or args.slow_rank else None
+  if args.slow_rank and jax.process_index() == args.slow_rank[0]:
+    transport.delay = args.slow_rank[1]
   model, inputs, out_seq_dim, (width, layers) = build(args, exchange, sync)
   fwd = forward.inference_forward(model, args.mesh, out_seq_dim=out_seq_dim,
                                 tensor=sync is not None)
@@ -210,7 +215,7 @@ def measure(args) -> dict:
     jax.block_until_ready(compiled(params, rest, *inputs))
     times.append(time.perf_counter() - start)
   times = slowest(times)
-  timeline = record_timeline(args, lambda: compiled(params, rest, *inputs)) \
+  timeline = record_timeline(args, transport, lambda: compiled(params, rest, *inputs)) \
       if args.timeline else None
   return {
       "model": args.model, "tokens": args.tokens, "batch": args.batch, "mesh": args.mesh,
@@ -246,15 +251,14 @@ def host_transport(args):
   return transport
 
 
-def record_timeline(args, forward_once) -> dict:
-  """One forward with every rank's transport recording; process 0 gathers the
-  ranks' events (the coordination service's key-value store), writes
-  ``--timeline`` and its plot, and returns the summary."""
+def record_timeline(args, transport, forward_once) -> dict:
+  """One forward with every rank's ``transport`` recording; process 0 gathers
+  the ranks' events (the coordination service's key-value store the
+  transport met its peers through), writes ``--timeline`` and its plot, and
+  returns the summary."""
   import json
   import jax
-  from jax._src import distributed as jax_distributed
   from infer.lab import timeline_plot
-  transport = host_transport(args)
   # recording starts before the barrier: rank 0 never waits, so its first block
   # can reach a later rank before that rank has left the barrier
   timeline = transport.record()
@@ -264,8 +268,8 @@ def record_timeline(args, forward_once) -> dict:
   end = time.time()
   barrier("timeline forward")  # every rank done: every block sent and received
   transport.timeline = None
-  mine = {**timeline.as_dict(), "start": start, "end": end, "delay_s": transport.delay}
-  kv = jax_distributed.global_state.client
+  mine = {**timeline.as_dict(), "start": start, "end": end}
+  kv = transport.kv
   kv.key_value_set(f"astra_jax/timeline/{jax.process_index()}", json.dumps(mine))
   ranks = [json.loads(kv.blocking_key_value_get(f"astra_jax/timeline/{r}", 60_000))
            for r in range(jax.process_count())]
