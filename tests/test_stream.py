@@ -116,6 +116,8 @@ def test_the_first_rank_does_not_wait_for_a_slowed_later_rank(tmp_path):
 
 def test_timeline_flags_need_the_stream_host_transport(tmp_path):
   from cli_helpers import assert_clean_errors
+  not_a_timeline = tmp_path / "result.json"
+  not_a_timeline.write_text('{"latency_s": 1.0}')  # a prefill_time result, not its timeline
   assert_clean_errors([
       (("infer.lab.prefill_time", "--model=gpt2:nano", "--tokens=64", "--mesh=2",
         f"--timeline={tmp_path}/t.json"), "add --exchange stream"),
@@ -125,4 +127,6 @@ def test_timeline_flags_need_the_stream_host_transport(tmp_path):
         "--exchange=stream", f"--timeline={tmp_path}/t.json"),
        "need the stream exchange's host transport: launch one process per device"),
       (("infer.lab.timeline_plot", str(tmp_path / "none.json")), "no file"),
+      (("infer.lab.timeline_plot", str(not_a_timeline)), "is not a timeline from "
+       "infer.lab.prefill_time --timeline"),
   ])
