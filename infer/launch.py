@@ -20,7 +20,10 @@ Fails fast: when a rank exits non-zero, the others are stopped (SIGTERM, then
 SIGKILL after ``--grace`` seconds) and the launcher exits non-zero naming the
 dead rank.  Ctrl-C or SIGTERM to the launcher is passed on to every rank
 (training ranks save a checkpoint and stop); the launcher then exits 130 or
-143 like the ranks.  ``--timeout`` bounds the whole run.  ``--wrap`` puts a command
+143 like the ranks.  ``--restart N`` is for servers (``infer.serve``): a rank
+other than 0 that dies is started again, up to N times each, and the others
+go on (rank 0 still stops the run).  ``--timeout`` bounds the whole run (0:
+no bound, for a server).  ``--wrap`` puts a command
 before each rank (``{rank}`` is replaced), e.g. ``ip netns exec astra{rank}``;
 ``infer.lab.testbed`` uses it.
 """
@@ -55,7 +58,11 @@ def parse(argv):
   p.add_argument("--procs", type=cli.at_least(1), required=True, help="number of processes")
   p.add_argument("--coordinator", default=None,
                  help="HOST:PORT for rank 0's coordinator (default 127.0.0.1 and a free port)")
-  p.add_argument("--timeout", type=cli.positive, default=1800, help="seconds for the whole run")
+  p.add_argument("--timeout", type=cli.nonnegative, default=1800,
+                 help="seconds for the whole run (0: no limit)")
+  p.add_argument("--restart", type=cli.at_least(0), default=0,
+                 help="start a rank other than 0 again when it dies, up to this many times "
+                      "each, while the others go on (servers: infer.serve)")
   p.add_argument("--grace", type=cli.nonnegative, default=10,
                  help="seconds between SIGTERM and SIGKILL")
   p.add_argument("--wrap", default="", help="command before each rank; {rank} is replaced")
@@ -153,7 +160,8 @@ def run(args) -> int:
   coordinator = args.coordinator or f"127.0.0.1:{free_port()}"
   lock = threading.Lock()
   ranks = [Rank(i, rank_command(args, i, coordinator), lock) for i in range(args.procs)]
-  deadline = time.monotonic() + args.timeout
+  restarts = [0] * args.procs
+  deadline = time.monotonic() + (args.timeout or float("inf"))
   failed, reason, received = None, None, []
 
   def stop_all(sig, grace):
@@ -173,6 +181,13 @@ def run(args) -> int:
   previous = {s: signal.signal(s, interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
   try:
     while any(r.proc.poll() is None for r in ranks):
+      for i, r in enumerate(ranks):
+        if i and r.proc.poll() not in (None, 0) and restarts[i] < args.restart:
+          restarts[i] += 1
+          with lock:
+            print(f"launch: rank {i} exited with code {r.proc.returncode}; starting it again "
+                  f"({restarts[i]} of --restart={args.restart})", file=sys.stderr, flush=True)
+          ranks[i] = Rank(i, rank_command(args, i, coordinator), lock)
       if any(r.proc.poll() not in (None, 0) for r in ranks):
         break
       if time.monotonic() > deadline:

@@ -55,6 +55,7 @@ from typing import Any, Callable, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from astra_jax.core import axes
 from astra_jax.core import code_attention
 from astra_jax.core import noise as noise_lib
 from astra_jax.core import packing
@@ -139,7 +140,7 @@ def _gather_pair(a: jnp.ndarray, b: jnp.ndarray, axis_name: str):
 
 def _own_block(full: jnp.ndarray, local: jnp.ndarray, axis_name: str) -> jnp.ndarray:
   """Overwrites this device's block of ``full`` with its exact ``local`` tokens."""
-  start = jax.lax.axis_index(axis_name) * local.shape[1]
+  start = axes.axis_index(axis_name) * local.shape[1]
   return jax.lax.dynamic_update_slice_in_dim(full, local.astype(full.dtype), start, axis=1)
 
 
@@ -197,6 +198,9 @@ class Exchange:
     shared K/V, then softmax attention over the whole sequence at once (with
     ``overlap``, the own block first, then the rest: ``_attend_overlapped``),
     with tokens lost on the link (``drop_rate``) masked out."""
+    if isinstance(axis_name, axes.HostAxis) and self.name != "stream":
+      raise ValueError(f"the {self.name!r} exchange needs every device of the sequence in one "
+                       "program; across processes without one, use the stream exchange")
     lossy = self.drop_rate > 0 and axis_name is not None
     if lossy:
       if key is None:
@@ -205,7 +209,7 @@ class Exchange:
     out = self.stepped_gather(carry, state, k[:, private:], v[:, private:],
                               axis_name=axis_name, train=train, key=key if train else None)
     tl = q.shape[1]
-    index = 0 if axis_name is None else jax.lax.axis_index(axis_name)
+    index = 0 if axis_name is None else axes.axis_index(axis_name)
     q_pos = index * tl + jnp.arange(tl)
     if query_transform is not None:
       q = query_transform(q, q_pos)

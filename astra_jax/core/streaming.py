@@ -15,7 +15,9 @@ own to i+1..P-1; nothing goes backwards.  Two transports, the same result:
            threads and returns at once, then waits only for the earlier
            ranks' blocks of this layer.  Device 0 never waits, and a device
            waits for a layer only when the link is slower than its compute:
-           the link hides behind compute (issue 28).
+           the link hides behind compute (issue 28).  On a ``HostAxis``
+           (one process per device and no shared program: the multi-rank
+           server) this is the only way, and the host transport is required.
 
 The module is pure JAX apart from that hook; the transport lives in
 ``astra_jax.parallel``.
@@ -28,6 +30,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from jax.experimental import io_callback
+
+from astra_jax.core import axes
 
 # host transport: (rank, block) -> [P, *block.shape] with the earlier ranks' blocks
 _HOST: Callable | None = None
@@ -47,6 +51,8 @@ def host() -> Callable | None:
 def uses_host(axis_name: str) -> bool:
   """Whether ``forward`` goes through the host transport: one is registered and
   every device of the axis is in its own process."""
+  if isinstance(axis_name, axes.HostAxis):
+    return True
   return (_HOST is not None and jax.process_count() > 1
           and jax.local_device_count() == 1)
 
@@ -54,10 +60,13 @@ def uses_host(axis_name: str) -> bool:
 def forward(x: jnp.ndarray, axis_name: str) -> jnp.ndarray:
   """[B, Tl, ...] (this device's block) -> [B, P*Tl, ...]: the blocks of the
   earlier devices in place, zeros for this device's and the later ones'."""
-  size, index = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
+  size, index = axes.axis_size(axis_name), axes.axis_index(axis_name)
   if size == 1:
     return jnp.zeros_like(x)
   if uses_host(axis_name):
+    if _HOST is None:
+      raise ValueError("a sequence split over processes (HostAxis) needs a host transport: "
+                       "register one with streaming.set_host first")
     blocks = io_callback(
         _HOST, jax.ShapeDtypeStruct((size, *x.shape), x.dtype), index, x)
   else:

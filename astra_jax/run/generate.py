@@ -13,6 +13,12 @@ weights, so a server compiles each once: the prefill once per padded prompt
 length (a server pads to a few bucket lengths), the decode step once per
 decoding device (its cache always has ``context`` slots).  ``generate`` makes
 one for a single prompt, as the CLIs do.
+
+With ``rank`` (a ``core.axes.HostAxis``) a ``Generator`` is one rank of a
+sequence split over processes that share no program (the multi-rank server):
+it prefills only its own block of the padded prompt, the ``stream``
+exchange's host transport bringing the earlier ranks' K/V, and decodes only
+if its block holds the prompt's last token.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from astra_jax.parallel import apply, forward, mesh as mesh_lib
-from astra_jax.core import attention
+from astra_jax.core import attention, axes
 
 
 class Generator:
@@ -37,11 +43,18 @@ class Generator:
   compile's time on stderr.
   """
 
-  def __init__(self, model: nnx.Module, *, mesh_size: int, context: int, pad_id: int = 0):
-    self.mesh_size, self.context, self.pad_id = mesh_size, context, pad_id
+  def __init__(self, model: nnx.Module, *, mesh_size: int, context: int, pad_id: int = 0,
+               rank: axes.HostAxis | None = None):
+    self.mesh_size, self.context, self.pad_id, self.rank = mesh_size, context, pad_id, rank
     graphdef, params, rest = apply.split_model(model)
     body = _prefill_body(graphdef)
-    self._mesh = mesh_lib.seq_mesh_or_none(mesh_size)
+    if rank is not None:
+      if rank.size != mesh_size:
+        raise ValueError(f"rank {rank.index} of {rank.size} in a mesh of {mesh_size}")
+      body = _on_axis(body, rank)
+      self._mesh = None
+    else:
+      self._mesh = mesh_lib.seq_mesh_or_none(mesh_size)
     if self._mesh is not None:
       params, rest = mesh_lib.replicate((params, rest), self._mesh)
       body = mesh_lib.sequence_parallel(body, self._mesh, in_seq_dims=(None, None, 1, 0),
@@ -53,11 +66,21 @@ class Generator:
                                        stderr=True)
     self._placed: dict[jax.Device, nnx.State] = {}  # the decode weights, per device
 
+  def share_decode(self, other: "Generator") -> None:
+    """Decodes with ``other``'s compiled step and placed weights (the same model
+    with another exchange: decoding reads only the cache, never the link)."""
+    self._decode_graphdef, self._decode_state = other._decode_graphdef, other._decode_state
+    self._step, self._placed = other._step, other._placed
+
   def prefill(self, tokens: jnp.ndarray):
     """tokens [B, T] (T % mesh_size == 0) -> (logits [B, T, V], views); see ``prefill``."""
     t = tokens.shape[1]
     mesh_lib.check_divisible(t, self.mesh_size, what="prompt")
     inputs = (tokens, jnp.arange(t))
+    if self.rank is not None:  # this rank's block only
+      block = t // self.mesh_size
+      inputs = tuple(x[..., self.rank.index * block:(self.rank.index + 1) * block]
+                     for x in inputs)
     if self._mesh is not None:
       inputs = mesh_lib.to_global(inputs, self._mesh, (1, 0))
     return self._prefill(*self._weights, *inputs)
@@ -91,13 +114,20 @@ class Generator:
     decode step (its compile) run in this call, before the iterator is read.
     Across processes only the process owning that device yields tokens.
     """
-    n, length = prompt_len, logits.shape[1]
-    owner = decode_device(self.mesh_size, n, length)
-    if owner.process_index != jax.process_index() or max_new_tokens <= 0:
-      return iter(())
-    block = length // self.mesh_size
-    device = (n - 1) // block
-    cache = _pad_cache(views, device, self.context)
+    n = prompt_len
+    if self.rank is not None:  # logits: this rank's block; views: this rank's
+      block = logits.shape[1]
+      if (n - 1) // block != self.rank.index or max_new_tokens <= 0:
+        return iter(())
+      owner, device, offset = jax.local_devices()[0], 0, self.rank.index * block
+    else:
+      owner = decode_device(self.mesh_size, n, logits.shape[1])
+      if owner.process_index != jax.process_index() or max_new_tokens <= 0:
+        return iter(())
+      block = logits.shape[1] // self.mesh_size
+      device = (n - 1) // block
+      offset = device * block
+    cache = _pad_cache(views, 0 if self.rank is not None else device, self.context)
     if owner not in self._placed:
       self._placed[owner] = jax.device_put(self._decode_state, owner)
     state = self._placed[owner]
@@ -105,7 +135,7 @@ class Generator:
     def step(token, position, cache):
       return self._step(state, token[:, None], jnp.asarray([position], jnp.int32), cache)
 
-    last = mesh_lib.local_block(logits, 1, device)[:, n - 1 - device * block]
+    last = mesh_lib.local_block(logits, 1, 0 if self.rank is not None else device)[:, n - 1 - offset]
     key = key if key is not None else jax.random.PRNGKey(0)
     key, sub = jax.random.split(key)
     token = _sample(last, temperature, sub, top_p)
@@ -121,6 +151,13 @@ class Generator:
     logits, views = self.prefill_prompt(prompt, max_new_tokens, length)
     return self.decode(logits, views, len(prompt), max_new_tokens, temperature=temperature,
                        top_p=top_p, key=key)
+
+
+def _on_axis(body: Callable, rank: axes.HostAxis) -> Callable:
+  def on_axis(*args):
+    with axes.seq_axis(rank):
+      return body(*args)
+  return on_axis
 
 
 def _prefill_body(graphdef) -> Callable:

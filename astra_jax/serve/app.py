@@ -113,7 +113,7 @@ def create_app(engine: Engine, scheduler: Scheduler, *, started: dict[str, Any] 
             "waiting": scheduler.waiting, "max_queue": scheduler.max_queue,
             "finished": scheduler.finished,
             "compiles_since_warm_up": getattr(engine, "compiles_since_warm_up", None),
-            **(started or {})}
+            **(engine.stats() if hasattr(engine, "stats") else {}), **(started or {})}
 
   @app.post("/v1/completions")
   async def completions(body: p.CompletionRequest):
@@ -192,11 +192,13 @@ def create_app(engine: Engine, scheduler: Scheduler, *, started: dict[str, Any] 
     if max_tokens is None:  # chat: the rest of the window, as OpenAI
       max_tokens = max(engine.context - len(ids), 0)
     try:
-      plan = engine.plan(len(ids), max_tokens)
+      plan = engine.plan(len(ids), max_tokens, body.astra_plan)
     except PromptTooLong as e:
       raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
+    except ValueError as e:
+      raise APIError(400, str(e), param="astra_plan", code="invalid_value") from None
     sampling = Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                        seed=body.seed)
+                        seed=body.seed, plan=body.astra_plan)
     try:
       return scheduler.submit(ids, sampling, body.stops(), plan)
     except Busy as e:
@@ -212,7 +214,7 @@ def _usage(prompt_tokens: int, done: Done) -> p.Usage:
 
 
 def _plan_header(plan: dict[str, Any]) -> str:
-  return " ".join(f"{k}={v}" for k, v in plan.items())
+  return " ".join(f"{k}={v}" for k, v in plan.items() if isinstance(v, (str, int, float)))
 
 
 def _with_plan(response: p.Response, stats: dict[str, Any]) -> JSONResponse:

@@ -48,6 +48,7 @@ class Sampling:
   temperature: float = 0.0  # 0: greedy
   top_p: float = 1.0
   seed: int | None = None  # None: a fresh one per request
+  plan: str | None = None  # a plan the request asked for (None: the engine's choice)
 
 
 class Generation:
@@ -61,6 +62,12 @@ class Generation:
 
   def __next__(self) -> int:
     return next(self._tokens)
+
+  def close(self) -> None:
+    """Stops the generation early (the rest of its tokens are not wanted)."""
+    close = getattr(self._tokens, "close", None)
+    if close is not None:
+      close()
 
 
 class Engine(abc.ABC):
@@ -82,8 +89,9 @@ class Engine(abc.ABC):
     """What the engine is (mesh, exchange, ...): /v1/models' ``astra`` field."""
 
   @abc.abstractmethod
-  def plan(self, prompt_len: int, max_tokens: int) -> dict[str, Any]:
-    """How a request would run; PromptTooLong when it does not fit."""
+  def plan(self, prompt_len: int, max_tokens: int, force: str | None = None) -> dict[str, Any]:
+    """How a request would run (``force``: the plan asked for); PromptTooLong
+    when it does not fit, ValueError for a plan it does not have."""
 
   @abc.abstractmethod
   def generate(self, prompt_ids: list[int], sampling: Sampling) -> Generation: ...
@@ -165,7 +173,10 @@ class LocalEngine(Engine):
   def bucket(self, prompt_len: int) -> int | None:
     return next((b for b in self.buckets if b >= prompt_len), None)
 
-  def plan(self, prompt_len: int, max_tokens: int) -> dict[str, Any]:
+  def plan(self, prompt_len: int, max_tokens: int, force: str | None = None) -> dict[str, Any]:
+    if force not in (None, "local"):
+      raise ValueError(f"plan {force!r} is not available: this server runs one plan ('local', "
+                       "its mesh and exchange); plans are for a multi-rank server")
     length = self.bucket(prompt_len)
     if length is None or prompt_len + max_tokens > self.context:
       raise PromptTooLong(
@@ -173,7 +184,7 @@ class LocalEngine(Engine):
           f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
           "completion); shorten the prompt or lower max_tokens")
     device = generate.decode_device(self.mesh_size, prompt_len, length)
-    return {"mesh": self.mesh_size, "exchange": self.exchange, "bucket": length,
+    return {"plan": "local", "mesh": self.mesh_size, "exchange": self.exchange, "bucket": length,
             "decode_device": device.id, "processes": jax.process_count()}
 
   def generate(self, prompt_ids: list[int], sampling: Sampling) -> Generation:

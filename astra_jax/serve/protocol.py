@@ -46,6 +46,8 @@ class Sampled(Request):
   presence_penalty: float = 0.0
   frequency_penalty: float = 0.0
   logit_bias: dict[str, Any] | None = None
+  # an extension: run with this plan (GET /astra/stats lists them) instead of the fastest
+  astra_plan: str | None = None
 
   def stops(self) -> list[str]:
     stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -95,6 +95,11 @@ class Scheduler:
     self._worker.submit(self._run, job)
     return job
 
+  def call_soon(self, fn) -> None:
+    """Runs ``fn`` on the engine's thread after the requests already admitted
+    (the multi-rank engine warms up a rank that joined again)."""
+    self._worker.submit(fn)
+
   def shutdown(self) -> None:
     """Drops the waiting requests and stops the running one at its next token."""
     self._worker.shutdown(wait=False, cancel_futures=True)
@@ -122,20 +127,23 @@ class Scheduler:
     generation = engine.generate(job.prompt_ids, job.sampling)
     first = None
     finish = "length"
-    for token in generation:
-      first = first or time.perf_counter()
-      piece, ended = text.push(token)
-      if piece:
-        job.emit(Piece(piece))
-      if ended:
-        finish = "stop"
-        break
-      if job.cancelled.is_set():
-        break
-    else:
-      rest = text.finish()
-      if rest:
-        job.emit(Piece(rest))
+    try:
+      for token in generation:
+        first = first or time.perf_counter()
+        piece, ended = text.push(token)
+        if piece:
+          job.emit(Piece(piece))
+        if ended:
+          finish = "stop"
+          break
+        if job.cancelled.is_set():
+          break
+      else:
+        rest = text.finish()
+        if rest:
+          job.emit(Piece(rest))
+    finally:
+      generation.close()
     end = time.perf_counter()
     tokens = len(text.ids)
     stats = {"plan": generation.plan, "queue_s": round(started - job.submitted, 4),
