@@ -150,7 +150,7 @@ def test_only_the_stream_exchange_and_causal_models_cross_processes(group):
 def test_the_planner_follows_the_streaming_model():
   p = plan_lib.Planner(layers=10, message_bytes={"exact": 800, "G=32": 80},
                        link=plan_lib.Link(latency_s=0.001, mbit=10.0),
-                       one={1024: 4.0, 32: 0.05},
+                       one={1024: 5.0, 32: 0.05},
                        block={("exact", 2, 1024): 2.1, ("G=32", 2, 1024): 2.3,
                               ("exact", 2, 32): 0.04, ("G=32", 2, 32): 0.045},
                        loss={"exact": 0.0, "G=32": 12.0})

@@ -122,7 +122,7 @@ def test_greedy_completion_equals_infer_llama(client, reference):
   assert got.choices[0].finish_reason == "length"
   assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (reference["prompt_tokens"],
                                                                     NEW)
-  assert got.astra["plan"] == {"mesh": 2, "exchange": "exact", "bucket": 16,
+  assert got.astra["plan"] == {"plan": "local", "mesh": 2, "exchange": "exact", "bucket": 16,
                                "decode_device": 0, "processes": 1}
   stream = client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=NEW,
                                      temperature=0, stream=True,

@@ -207,6 +207,7 @@ class GroupEngine(Engine):
             "link": p.link.as_dict() if p.link else None,
             "one_device_s": {str(b): round(s, 4) for b, s in p.one.items()},
             "block_s": {f"{label}@{r}:{b}": round(s, 4) for (label, r, b), s in p.block.items()},
+            "fixed_s": {f"{label}@{r}": round(s, 4) for (label, r), s in p.overhead.items()},
             "quality_loss_pct": p.loss, "max_quality_loss_pct": p.max_loss}
 
   @property
@@ -398,6 +399,7 @@ class GroupEngine(Engine):
                           Sampling(max_tokens=3, temperature=temperature, top_p=top_p, seed=0,
                                    plan=label), bucket=length, quiet=True)
       list(gen)
+    self.planner.ttft[(label, ranks, length)] = gen.prefill_s
     return gen.plan.get("rank0_s", gen.prefill_s)
 
   def warm_up(self) -> dict[str, Any]:
@@ -423,6 +425,7 @@ class GroupEngine(Engine):
       seconds[str(length)] = round(time.perf_counter() - t, 2)
       self.log(f"warm-up: bucket {length} tokens, {1 + (len(self.labels) if ranks > 1 else 0)} "
                f"plan(s), compiled and timed in {seconds[str(length)]:.1f} s")
+    self.planner.calibrate()
     self.compiles_at_warm_up = self.compiles.count
     for m in members:
       m.compiles_at_warm_up = m.compiles
@@ -446,6 +449,7 @@ class GroupEngine(Engine):
         for label in self.labels:
           self.planner.block[(label, ranks, length)] = self._warm_runs(label, ranks, length,
                                                                        i == 0)
+      self.planner.calibrate()
       member.compiles_at_warm_up = member.compiles
       self.compiles_at_warm_up = self.compiles.count
       self.log(f"front: rank {member.rank} warmed up; plans use {ranks} ranks again")

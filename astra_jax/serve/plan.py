@@ -13,8 +13,12 @@ server measures what the model needs when it starts (``GroupEngine.warm_up``):
 
 A plan's predicted time to first token is then
 ``netsim.pipeline.streaming_prefill`` (layers of compute, one message per
-layer per later rank at the link's rate plus its latency) plus one round trip
-of the control channel; one device's is its measured prefill.  Plans past
+layer per later rank at the link's rate plus its latency) plus the plan's
+fixed cost per request (the control round trip, handing the request and the
+first token between threads and processes, the host transport's calls):
+calibrated at warm-up as the median, over the buckets, of the measured time
+to first token minus the schedule's (``calibrate``), one round trip of the
+link before that.  One device's is its measured time to first token.  Plans past
 the quality budget (``max_loss``: perplexity increase over one device, in
 percent, measured at start) are never chosen.
 """
@@ -23,11 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from typing import Any
 
 from astra_jax.netsim import pipeline
 
 ONE = "one-device"
+MARGIN = 0.1  # a plan over several ranks must be predicted this much faster than one device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +75,10 @@ class Planner:
   block: dict[tuple[str, int, int], float] = dataclasses.field(default_factory=dict)
   loss: dict[str, float | None] = dataclasses.field(default_factory=dict)
   max_loss: float | None = None
+  # measured time to first token by (label, ranks, bucket), and the fixed cost
+  # per request by (label, ranks) that ``calibrate`` derives from it
+  ttft: dict[tuple[str, int, int], float] = dataclasses.field(default_factory=dict)
+  overhead: dict[tuple[str, int], float] = dataclasses.field(default_factory=dict)
 
   def allowed(self, label: str) -> bool:
     if label == ONE or self.max_loss is None:
@@ -83,21 +93,38 @@ class Planner:
     compute = self.block.get((label, ranks, bucket))
     if compute is None or self.link is None:
       return None
+    fixed = self.overhead.get((label, ranks), 2 * self.link.latency_s)
+    return self._schedule_s(label, ranks, bucket, compute) + fixed
+
+  def _schedule_s(self, label: str, ranks: int, bucket: int, compute: float) -> float:
     message = self.message_bytes[label] * (bucket // ranks)
-    schedule = pipeline.streaming_prefill(
+    return pipeline.streaming_prefill(
         layers=self.layers, layer_compute_s=compute / self.layers,
-        message_s=self.link.seconds(message), latency_s=self.link.latency_s, mesh_size=ranks)
-    return schedule.total_s + 2 * self.link.latency_s  # the request out, the token back
+        message_s=self.link.seconds(message), latency_s=self.link.latency_s,
+        mesh_size=ranks).total_s
+
+  def calibrate(self) -> None:
+    """Each plan's fixed cost per request from the measured times to first token."""
+    by_plan: dict[tuple[str, int], list[float]] = {}
+    for (label, ranks, bucket), measured in self.ttft.items():
+      compute = self.block.get((label, ranks, bucket))
+      if ranks > 1 and compute is not None and self.link is not None:
+        by_plan.setdefault((label, ranks), []).append(
+            measured - self._schedule_s(label, ranks, bucket, compute))
+    self.overhead = {k: max(statistics.median(v), 0.0) for k, v in by_plan.items()}
 
   def choose(self, candidates: list[tuple[str, int, int]]) -> tuple[tuple[str, int, int],
                                                                     dict[str, Any]]:
-    """The fastest allowed of ``candidates`` ((label, ranks, bucket)) and every
-    candidate's prediction (seconds, None if unknown; one device when nothing
-    is known)."""
+    """The fastest allowed of ``candidates`` ((label, ranks, bucket)), a plan
+    over several ranks only when predicted ``MARGIN`` faster than one device,
+    and every candidate's prediction (seconds, None if unknown; one device
+    when nothing is known)."""
     predicted = {f"{label}@{ranks}": self.predict(label, ranks, bucket)
                  for label, ranks, bucket in candidates}
     best, best_s = None, math.inf
     for (label, ranks, bucket), s in zip(candidates, predicted.values()):
+      if s is not None and ranks > 1:
+        s /= 1 - MARGIN  # errors in the model must not make a request slower than one device
       if s is not None and s < best_s and self.allowed(label):
         best, best_s = (label, ranks, bucket), s
     if best is None:
