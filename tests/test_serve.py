@@ -137,7 +137,7 @@ def test_chat_uses_the_template_and_streams_the_same(client):
               {"role": "user", "content": "When in disgrace"}]
   raw = client.chat.completions.with_raw_response.create(model="tiny-llama", messages=messages,
                                                          max_tokens=8, temperature=0)
-  assert raw.headers["x-astra-plan"].startswith("mesh=2 exchange=exact bucket=")
+  assert raw.headers["x-astra-plan"].startswith("plan=local mesh=2 exchange=exact bucket=")
   chat = raw.parse()
   rendered = "<system>Be brief.\n<user>When in disgrace\n<assistant>"
   same = client.completions.create(model="tiny-llama", prompt=rendered, max_tokens=8,

@@ -38,7 +38,7 @@ class FakeEngine(engine_lib.Engine):
   def describe(self):
     return {"context": self.context, "mesh": 1, "exchange": "exact", "buckets": [64]}
 
-  def plan(self, prompt_len, max_tokens):
+  def plan(self, prompt_len, max_tokens, force=None):
     if prompt_len + max_tokens > self.context:
       raise engine_lib.PromptTooLong(f"{prompt_len} + {max_tokens} > {self.context}")
     return {"mesh": 1, "exchange": "exact", "bucket": 64}
