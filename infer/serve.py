@@ -204,7 +204,7 @@ def serve_group(args, start: float) -> None:
                                max_loss=args.max_quality_loss,
                                rank_timeout_s=args.rank_timeout)
     engine.wait_for_ranks(args.join_timeout)
-    warm = engine.warm_up()
+    warm = engine.warm_up(loaded.held_out)
   except ValueError as e:
     cli.fail(str(e))
   host, port = sock.getsockname()[:2]
@@ -214,7 +214,8 @@ def serve_group(args, start: float) -> None:
              "context": engine.context, "buckets": engine.buckets,
              "startup_s": round(time.perf_counter() - start, 2), "load_s": round(loaded_s, 2),
              "compile_s": warm["compile_s"], "compiles_at_start": warm["compiles"],
-             "bucket_compile_s": warm["bucket_s"], "link": warm["link"]}
+             "bucket_compile_s": warm["bucket_s"], "link": warm["link"],
+             "quality": warm["quality"], "quality_loss_pct": engine.planner.loss}
   print(f"serving {loaded.name} at {url} on {args.num_processes} ranks (plans "
         f"{started['plans']}): start-up {started['startup_s']:.1f} s, of which load "
         f"{loaded_s:.1f} s and warm-up {warm['compile_s']:.1f} s", file=sys.stderr, flush=True)

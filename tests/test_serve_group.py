@@ -119,6 +119,11 @@ def test_started_on_two_ranks_with_every_plan_timed(server):
   assert set(stats["block_s"]) == {f"{p}@2:{b}" for p in ("G=4,K=16", "exact")
                                    for b in started["buckets"]}
   assert "front: rank 1 joined" in log.read_text()
+  # each plan's perplexity on held-out text, over one device's: exact K/V streamed
+  # across processes is one device's computation, ASTRA's codes cost something
+  loss = started["quality_loss_pct"]
+  assert set(loss) == {"G=4,K=16", "exact"} and abs(loss["exact"]) < 1e-3, started
+  assert loss["G=4,K=16"] != 0.0
 
 
 def test_astra_plan_across_processes_equals_infer_llama(server, client):

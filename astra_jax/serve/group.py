@@ -24,6 +24,7 @@ decodes and sends its tokens to the front.
 from __future__ import annotations
 
 import itertools
+import math
 import queue
 import random
 import socket
@@ -291,7 +292,7 @@ class GroupEngine(Engine):
     message = {"op": "run", "id": rid, "label": plan["plan"], "group": group,
                "tokens": list(prompt_ids), "length": plan["bucket"], "n": len(prompt_ids),
                "max_tokens": sampling.max_tokens, "temperature": sampling.temperature,
-               "top_p": sampling.top_p, "seed": seed}
+               "top_p": sampling.top_p, "seed": seed, "score": bool(plan.get("score"))}
     pending = {m.rank for m in members}
     try:
       for i, m in enumerate(members, start=1):
@@ -307,6 +308,8 @@ class GroupEngine(Engine):
       logits, views = g.prefill(rank_lib.padded(prompt_ids, plan["bucket"]))
       jax.block_until_ready(logits)
       plan["rank0_s"] = round(time.perf_counter() - start, 4)
+      if plan.get("score"):
+        plan["nll"] = [rank_lib.block_nll(logits, list(prompt_ids), 0)]
       yield from g.decode(logits, views, len(prompt_ids), sampling.max_tokens,
                           temperature=sampling.temperature, top_p=sampling.top_p,
                           key=jax.random.PRNGKey(seed % 2**32))  # nothing unless rank 0 decodes
@@ -335,6 +338,8 @@ class GroupEngine(Engine):
         elif reply.get("done"):
           pending.discard(sender)
           self.members[sender].compiles = reply.get("compiles", 0)
+          if "nll" in reply:
+            plan["nll"].append({"nll": reply["nll"], "count": reply["count"]})
     finally:
       if pending:  # stopped early (cancelled, failed): the others stop too
         for m in members:
@@ -402,7 +407,38 @@ class GroupEngine(Engine):
     self.planner.ttft[(label, ranks, length)] = gen.prefill_s
     return gen.plan.get("rank0_s", gen.prefill_s)
 
-  def warm_up(self) -> dict[str, Any]:
+  def perplexity(self, label: str, ids: list[int]) -> float:
+    """The plan's perplexity on ``ids`` (one bucket's worth, run as a request)."""
+    ranks = 1 if label == plan_lib.ONE else 1 + len(self.live())
+    length = max(b for b in self.buckets if b <= len(ids) and b % ranks == 0)
+    window = ids[:length]
+    if ranks == 1:
+      g = self.programs.decoder
+      logits, _ = g.prefill(rank_lib.padded(window, length))
+      parts = [rank_lib.block_nll(logits, window, 0)]
+    else:
+      plan = self.plan(length, 0, label, length) | {"score": True}
+      for _ in self._on_group(window, plan, Sampling(max_tokens=0), 0):
+        pass
+      parts = plan["nll"]
+    return math.exp(sum(p["nll"] for p in parts) / sum(p["count"] for p in parts))
+
+  def measure_quality(self, ids: list[int]) -> dict[str, float]:
+    """Each plan's perplexity increase over one device on ``ids``, percent."""
+    if not ids or len(ids) < min(self.buckets):
+      return {}
+    base = self.perplexity(plan_lib.ONE, ids)
+    out = {"one_device_ppl": round(base, 4)}
+    if self.live():
+      for label in self.labels:
+        ppl = self.perplexity(label, ids)
+        self.planner.loss[label] = round(100 * (ppl / base - 1), 3)
+        out[f"{label}_ppl"] = round(ppl, 4)
+    self.log(f"warm-up: perplexity on {len(ids)} held-out tokens {out}; increase over one "
+             f"device (%) {self.planner.loss}")
+    return out
+
+  def warm_up(self, held_out: list[int] | None = None) -> dict[str, Any]:
     """Measures the link, then compiles and times every plan at every bucket
     (the ranks compile theirs alongside); returns the compile count and times."""
     start, compiles = time.perf_counter(), self.compiles.count
@@ -426,10 +462,11 @@ class GroupEngine(Engine):
       self.log(f"warm-up: bucket {length} tokens, {1 + (len(self.labels) if ranks > 1 else 0)} "
                f"plan(s), compiled and timed in {seconds[str(length)]:.1f} s")
     self.planner.calibrate()
+    quality = self.measure_quality(held_out or [])
     self.compiles_at_warm_up = self.compiles.count
     for m in members:
       m.compiles_at_warm_up = m.compiles
-    return {"compile_s": round(time.perf_counter() - start, 2),
+    return {"quality": quality, "compile_s": round(time.perf_counter() - start, 2),
             "compiles": self.compiles.count - compiles, "bucket_s": seconds,
             "link": self.planner.link.as_dict() if self.planner.link else None}
 

@@ -32,8 +32,10 @@ class Loaded:
   model_cfg: Any  # GPT2Config | LlamaConfig
   tokenizer: Any
   context: int  # tokens per sequence: prompt + reply
-  # load_group: the stream twins, by plan label ("exact", "G=32", ...)
+  # load_group: the stream twins, by plan label ("exact", "G=32", ...), and the
+  # first ``context`` tokens of the held-out text (each plan's perplexity at start)
   variants: dict[str, nnx.Module] = dataclasses.field(default_factory=dict)
+  held_out: list[int] = dataclasses.field(default_factory=list)
 
 
 def model_name(model: str | None, workdir: str | None) -> str:
@@ -103,6 +105,9 @@ def load_group(model: str | None = None, workdir: str | None = None, *,
         ids = lm.token_ids(text_lib.load_splits(cfg.text)[0], loaded.tokenizer)
       lm.kmeans_codebooks(twin, cfg, ids)
     loaded.variants[label] = twin
+  held_out = text_lib.load_splits(cfg.text)[1]
+  loaded.held_out = [int(i) for i in lm.token_ids(held_out[:loaded.context * 16],
+                                                  loaded.tokenizer)[:loaded.context]]
   return loaded
 
 

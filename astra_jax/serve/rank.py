@@ -92,6 +92,9 @@ def run_block(programs: Programs, links: peer_links.Links, message: dict[str, An
   logits, views = g.prefill(padded(message["tokens"], message["length"]))
   jax.block_until_ready(logits)
   prefill_s = time.perf_counter() - start
+  scored = {}
+  if message.get("score"):
+    scored = block_nll(logits, message["tokens"], index * logits.shape[1])
   tokens = g.decode(logits, views, message["n"], message["max_tokens"],
                     temperature=message["temperature"], top_p=message["top_p"],
                     key=jax.random.PRNGKey(message["seed"] % 2**32))
@@ -101,7 +104,18 @@ def run_block(programs: Programs, links: peer_links.Links, message: dict[str, An
     count += 1
     if cancelled():
       break
-  emit({"id": rid, "done": True, "prefill_s": round(prefill_s, 4), "tokens": count})
+  emit({"id": rid, "done": True, "prefill_s": round(prefill_s, 4), "tokens": count, **scored})
+
+
+def block_nll(logits, tokens: list[int], offset: int) -> dict[str, float]:
+  """Summed negative log-likelihood of the next token at each position of this
+  block (``offset``: its first position) that has one among ``tokens``."""
+  n = min(len(tokens) - 1 - offset, logits.shape[1])
+  if n <= 0:
+    return {"nll": 0.0, "count": 0}
+  logp = jax.nn.log_softmax(np.asarray(logits[0, :n], np.float32), axis=-1)
+  targets = np.asarray(tokens[offset + 1:offset + 1 + n])
+  return {"nll": float(-np.asarray(logp)[np.arange(n), targets].sum()), "count": int(n)}
 
 
 class Worker:

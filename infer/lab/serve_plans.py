@@ -9,7 +9,8 @@ Rank 0 is the multi-rank server's engine (``astra_jax.serve.group``) without
 HTTP, the other ranks its workers, all started as ``infer.serve`` starts
 them; the buckets are the prompt lengths.  After the warm-up (link probe,
 every plan compiled and timed) it takes, for each prompt length, that many
-tokens of held-out text and runs each plan forced (one device, exact K/V,
+tokens of held-out text (the start of the text's validation part, whose
+perplexity the warm-up also measures per plan) and runs each plan forced (one device, exact K/V,
 ASTRA at each G), then the plan the server picks by itself, ``--repeats``
 times each, greedy, one new token; the time is to the first token, as a
 client sees it minus HTTP.  The JSON line has per length every plan's median
@@ -80,9 +81,7 @@ def main(argv=None):
   except ValueError as e:
     cli.fail(str(e))
   cli.ensure_cpu_devices(1)
-  from astra_jax.data import text as text_lib
   from astra_jax.parallel import stream_transport
-  from astra_jax.run import config
   from astra_jax.serve import group, load, plan as plan_lib, rank as rank_lib
   from astra_jax.serve.engine import CompileCounter
   start = time.perf_counter()
@@ -102,10 +101,8 @@ def main(argv=None):
     engine = group.GroupEngine(loaded, size=args.num_processes, control=args.coordinator,
                                links_host=host, buckets=lengths)
     engine.wait_for_ranks(args.join_timeout)
-    warm = engine.warm_up()
-    cfg = config.load("pretrained_lm", [])
-    held_out = text_lib.load_splits(args.text or cfg.text)[1]
-    ids = [int(i) for i in loaded.tokenizer.encode(held_out)]
+    warm = engine.warm_up(loaded.held_out)
+    ids = loaded.held_out
     if len(ids) < max(lengths):
       raise ValueError(f"the held-out text has {len(ids)} tokens, fewer than --prompts needs")
   except ValueError as e:
@@ -131,6 +128,7 @@ def main(argv=None):
   cli.print_result({"model": loaded.name, "ranks": args.num_processes, "plans":
                     [plan_lib.ONE] + engine.labels, "link": warm["link"],
                     "warm_up_s": warm["compile_s"], "repeats": args.repeats, "rows": rows,
+                    "quality": warm["quality"], "quality_loss_pct": engine.planner.loss,
                     "compiles_after_warm_up": engine.compiles_since_warm_up,
                     "wall_s": round(time.perf_counter() - start, 1)})
 
