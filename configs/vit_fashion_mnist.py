@@ -43,4 +43,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 200
   c.log_every = 50
   c.eval_batch_size = 500
+  c.eval_examples = 0  # > 0: evaluate on the first that many test images only (0: all)
   return c

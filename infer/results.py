@@ -5,6 +5,7 @@
   python -m infer.results llama --exact-workdir workdir/llama # tiny Llama 3, same data
   python -m infer.results smollm2 --eval-windows 25 --only vq_g32_kmeans  # SmolLM2-135M
   python -m infer.results dit --workdir workdir/dit --classifier workdir/vit  # CoDiT (infer/results_dit.py)
+  python -m infer.results vit-pretrained    # DINOv2-S/14 (bundled) on Fashion-MNIST at 56x56
 
 Trains the exact model (or resumes/reuses ``--exact-workdir``, e.g. the run of
 ``python -m train.<task> --mesh=4``), evaluates it on one device and at the
@@ -45,6 +46,13 @@ G=32 run if there is one, else the zero-shot G=32 model.  Baselines and SPD
 are not run for it; instead (``--only continuations``) the greedy
 continuations of three fixed prompts, exact vs that G=32 model at the mesh,
 go into the results file and a table of their own in RESULTS.md.
+
+``vit-pretrained`` is the ``vit`` table on a real backbone: the exact run is a
+short fine-tune of the bundled DINOv2-S/14 (``train.vit --init-from dinov2-s``,
+a fresh head) at 56x56 (Fashion-MNIST upsampled 2x: 16 patches of 14, 4 a
+device), every row is evaluated on the first ``eval_examples`` test images,
+and the ASTRA rows add G=32 with a single class token (task ``VIT_PRETRAINED``:
+its flags and the cost of each row are in its comment).
 """
 
 from __future__ import annotations
@@ -76,6 +84,9 @@ class Task:
   # fractions of its non-local codes lost; rows named NAME_lossPERCENT
   loss_rows: tuple = (("vq_g32", (0.01, 0.05, 0.1)),)
   default_steps: int = 200
+  exact_flags: tuple = ()  # the exact run's extra train flags (e.g. a pretrained start)
+  train_flags: tuple = ()  # every train run's extra flags (image size, evaluation subset)
+  spd: bool = True  # the SPD rows (python -m infer.spd on the exact run)
   model: str | None = None  # a pretrained model (infer --model, train --init-from) instead
   # of an exact run trained first
   # the other systems, evaluated on the exact run: (name, label, infer flags);
@@ -152,7 +163,24 @@ PROMPTS = ("The capital of France is", "To be, or not to be, that is",
            "Water boils at a temperature of")
 CONTINUATION_TOKENS = 24
 
-TASKS = {"vit": VIT, "gpt2": GPT2, "llama": LLAMA, "smollm2": SMOLLM2}
+# DINOv2-S/14 (12 layers, width 384) at 56x56 on a 2-core CPU: its exact run
+# fine-tunes the backbone and a fresh head for EXACT_STEPS steps of 32 images,
+# the ASTRA rows fine-tune from it for --finetune-steps (100) steps at lr 5e-5,
+# and every row is scored on the first 2,000 test images
+EXACT_STEPS = 300
+VIT_PRETRAINED = dataclasses.replace(
+    VIT, results="results/vit_dinov2_fashion_mnist.json", baselines=(), spd=False,
+    default_steps=100,
+    exact_flags=("--init-from=dinov2-s", f"--max-steps={EXACT_STEPS}"),
+    train_flags=("--config.image_size=56", "--config.upsample=2",
+                 "--config.eval_examples=2000", "--config.eval_batch_size=250"),
+    finetune=lambda steps, lr: [f"--max-steps={steps}", f"--config.lr={lr}",
+                                "--config.warmup_steps=20"],
+    variants=VIT.variants + [("vq_g32_single", "ASTRA G=32, single class token",
+                              ["--config.vq.groups=32", "--config.class_token=single"], True)])
+
+TASKS = {"vit": VIT, "gpt2": GPT2, "llama": LLAMA, "smollm2": SMOLLM2,
+         "vit-pretrained": VIT_PRETRAINED}
 
 
 def parse(argv):
@@ -195,7 +223,8 @@ def parse(argv):
   if args.only is not None:
     task = TASKS[args.task]
     names = [v[0] for v in task.variants] + loss_names(task) + \
-        [b[0] for b in task.baselines] + (["continuations"] if task.model else list(SPD_ROWS))
+        [b[0] for b in task.baselines] + (["continuations"] if task.model else
+                                          list(SPD_ROWS) if task.spd else [])
     unknown = set(args.only) - set(names)
     if unknown:
       p.error(f"unknown variants {sorted(unknown)}; choose from {names}")
@@ -326,7 +355,8 @@ def main(argv=None):
     start, source = [f"--model={task.model}"], [f"--init-from={task.model}"]
     windows_cfg = [f"--config.eval_windows={args.eval_windows}"] if args.eval_windows else []
   else:
-    _run(task.train, mesh, f"--workdir={exact_dir}", *data, *args.extra)
+    _run(task.train, mesh, f"--workdir={exact_dir}", *task.exact_flags, *task.train_flags,
+         *data, *args.extra)
     start, source, windows_cfg = [f"--workdir={exact_dir}"], [f"--init-from={exact_dir}"], []
   # with --only, rows of the other variants are kept from the previous results file
   vq_names = {v[0] for v in task.variants} | set(loss_names(task))
@@ -356,11 +386,12 @@ def main(argv=None):
       rows.append(dict(result, **row))
       write(args, task, rows, kept)
       continue
-    lr = args.finetune_lr or (5e-5 if task.model else 5e-4)
+    lr = args.finetune_lr or (5e-5 if task.model or task.exact_flags else 5e-4)
     steps = task.finetune(args.finetune_steps, lr) if finetune else ["--max-steps=0"]
     result = _run(task.train, mesh, f"--workdir={os.path.join(args.root, row['name'])}",
                   *source, "--config.exchange=vq", *steps, *overrides,
-                  *(size if vq_row else []), *windows_cfg, *data, *args.extra)
+                  *(size if vq_row else []), *windows_cfg, *task.train_flags, *data,
+                  *args.extra)
     rows.append(dict(result, **row))
     write(args, task, rows, kept)  # after every row, so a long run leaves a usable table
   def finished(run):  # a run counts as fine-tuned once its row is in the table (a
@@ -401,7 +432,7 @@ def main(argv=None):
     if args.only is None or name in args.only:
       rows.append(dict(_run(*evaluate, mesh, *flags), name=name, label=label))
       write(args, task, rows, kept)
-  if not task.model and (args.only is None or set(args.only) & set(SPD_ROWS)):
+  if not task.model and task.spd and (args.only is None or set(args.only) & set(SPD_ROWS)):
     rows += spd_rows(task, _run("infer.spd", f"--workdir={exact_dir}", mesh, *data))
   write(args, task, rows, kept)  # (--keep-baselines --only with no names: only this)
   print(table(task, order(task, rows + kept)))

@@ -194,9 +194,8 @@ def serve_group(args, start: float) -> None:
     print(f"rank {rank}: loaded {loaded.name} with plans {sorted(loaded.variants)} in "
           f"{loaded_s:.1f} s", file=sys.stderr, flush=True)
     if rank:
-      rank_lib.Worker(loaded, rank=rank, front=args.coordinator, host=links_host,
-                      compiles=lambda: compiles.count,
-                      log=lambda line: print(line, file=sys.stderr, flush=True)).serve()
+      rank_lib.serve_worker(loaded, rank=rank, front=args.coordinator, host=links_host,
+                            compiles=lambda: compiles.count)
       return
     engine = group.GroupEngine(loaded, size=args.num_processes, control=args.coordinator,
                                links_host=links_host, buckets=buckets,

@@ -2,6 +2,7 @@
 suffixes, the continuations table and what a rewrite of the results file keeps."""
 
 import json
+import pathlib
 
 import pytest
 
@@ -168,3 +169,34 @@ def test_the_no_noise_run_gets_its_own_link_loss_row_once_it_is_finished(tmp_pat
   assert saved[-1]["label"] == "ASTRA G=32, no noise, 10% of codes lost" and saved[-1]["finetuned"]
   assert "vq_g32_nonoise_loss5" not in results.loss_names(results.SMOLLM2)
   assert "vq_g32_nonoise_loss10" not in results.loss_names(results.GPT2)
+
+
+def test_pretrained_vit_table_starts_from_the_bundled_backbone(tmp_path, monkeypatch):
+  """vit-pretrained: the exact run fine-tunes DINOv2-S/14 at 56x56; every train run
+  has the image size and the evaluation subset; ASTRA rows start from the exact
+  run at a pretrained model's learning rate; no SPD or tensor-parallel rows."""
+  calls = []
+
+  def fake_run(*command):
+    calls.append(command)
+    for a in command:  # a train run leaves its folder
+      if a.startswith("--workdir=") and command[0] == "train.vit":
+        pathlib.Path(a.split("=", 1)[1]).mkdir(parents=True, exist_ok=True)
+    return {"accuracy": 0.8, "bytes_per_device": 5, "examples": 2000, "class_token": "x"}
+
+  monkeypatch.setattr(results, "_run", fake_run)
+  root = tmp_path / "runs"
+  results.main(["vit-pretrained", f"--root={root}", f"--results={tmp_path / 'r.json'}",
+                f"--markdown={tmp_path / 'R.md'}"])
+  trains = [c for c in calls if c[0] == "train.vit"]
+  exact = trains[0]
+  assert "--init-from=dinov2-s" in exact and f"--max-steps={results.EXACT_STEPS}" in exact
+  assert all("--config.image_size=56" in c and "--config.eval_examples=2000" in c
+             for c in trains)
+  tuned = [c for c in trains[1:] if "--max-steps=100" in c]
+  assert len(tuned) == 7 and all("--config.lr=5e-05" in c and
+                                 f"--init-from={root / 'exact'}" in c for c in tuned)
+  assert any("--config.class_token=single" in c and "--config.vq.groups=32" in c for c in tuned)
+  assert not any(c[0] == "infer.spd" or any(a.startswith("--tp=") for a in c) for c in calls)
+  names = [r["name"] for r in json.loads((tmp_path / "r.json").read_text())["rows"]]
+  assert "vq_g32_single" in names and "vq_g32_loss10" in names

@@ -10,13 +10,8 @@ error, the queue, 503) are in tests/test_serve_app.py."""
 
 import concurrent.futures
 import json
-import os
-import pathlib
-import queue
 import shutil
 import subprocess
-import sys
-import threading
 import time
 
 import httpx
@@ -25,29 +20,17 @@ import pytest
 pytest.importorskip("safetensors")
 pytest.importorskip("tokenizers")
 openai = pytest.importorskip("openai")
-import hf_helpers  # noqa: E402
-from cli_helpers import write_corpus  # noqa: E402
+import serve_helpers  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<assistant>{% endif %}")
 PROMPT, NEW = "When in disgrace with", 12
 START_LIMIT_S = 240
-
-
-def _python(*args, **kwargs):
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
-  return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env, text=True,
-                          **kwargs)
+_python = serve_helpers.python
+ROOT = serve_helpers.ROOT
 
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
-  corpus = write_corpus(tmp_path_factory.mktemp("text"), "When in disgrace with fortune, "
-                        "line {}.", lines=300, cycle=11)
-  folder = hf_helpers.write_tiny_llama(tmp_path_factory.mktemp("hf") / "tiny-llama", corpus)
-  (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
-  return folder
+  return serve_helpers.tiny_chat_llama(tmp_path_factory)[0]
 
 
 @pytest.fixture(scope="module")
@@ -61,25 +44,8 @@ def server(hf_folder, tmp_path_factory):
   reference = _python("infer.llama", f"--model=hf:{hf_folder}", "--mesh=2", "--prompt", PROMPT,
                       "--max-new-tokens", str(NEW), stdout=subprocess.PIPE,
                       stderr=subprocess.PIPE)
-  lines = queue.Queue()
-
-  def read():
-    for line in proc.stdout:
-      lines.put(line)
-    lines.put(None)  # stdout closed: the server ended
-
-  threading.Thread(target=read, daemon=True).start()
   try:
-    deadline, started = time.monotonic() + START_LIMIT_S, None
-    while started is None:  # the JSON line, once warmed up and listening
-      try:
-        line = lines.get(timeout=max(deadline - time.monotonic(), 0.1))
-      except queue.Empty:
-        pytest.fail(f"no start-up line in {START_LIMIT_S} s:\n{log.read_text()[-3000:]}")
-      if line is None:
-        pytest.fail(f"the server ended before serving:\n{log.read_text()[-3000:]}")
-      if line.startswith("{"):
-        started = json.loads(line)
+    started = serve_helpers.wait_for_start(proc, log, START_LIMIT_S)
     yield started["url"], started, reference, log
   finally:
     for p in (proc, reference):

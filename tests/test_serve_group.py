@@ -12,12 +12,8 @@ has started rank 1 again the server plans over two ranks again.
 
 import json
 import os
-import pathlib
-import queue
 import signal
 import subprocess
-import sys
-import threading
 import time
 
 import httpx
@@ -26,30 +22,17 @@ import pytest
 pytest.importorskip("safetensors")
 tokenizers = pytest.importorskip("tokenizers")
 openai = pytest.importorskip("openai")
-import hf_helpers  # noqa: E402
-from cli_helpers import write_corpus  # noqa: E402
+import serve_helpers  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROMPT, NEW = "When in disgrace with fortune, line 3. When in disgrace with", 8
 VQ = "vq:groups=4,codebook_size=16"
-TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<assistant>{% endif %}")
 START_LIMIT_S = 300
-
-
-def _python(*args, **kwargs):
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
-  return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env, text=True,
-                          **kwargs)
+_python = serve_helpers.python
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-  corpus = write_corpus(tmp_path_factory.mktemp("text"), "When in disgrace with fortune, "
-                        "line {}.", lines=300, cycle=11)
-  folder = hf_helpers.write_tiny_llama(tmp_path_factory.mktemp("hf") / "tiny-llama", corpus)
-  (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
-  return folder, corpus
+  return serve_helpers.tiny_chat_llama(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -69,25 +52,8 @@ def server(files, tmp_path_factory):
                    stdout=subprocess.PIPE, stderr=err, start_new_session=True)
   reference = _python("infer.llama", *common, "--prompt", PROMPT, "--max-new-tokens", str(NEW),
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-  lines = queue.Queue()
-
-  def read():
-    for line in proc.stdout:
-      lines.put(line)
-    lines.put(None)
-
-  threading.Thread(target=read, daemon=True).start()
   try:
-    deadline, started = time.monotonic() + START_LIMIT_S, None
-    while started is None:
-      try:
-        line = lines.get(timeout=max(deadline - time.monotonic(), 0.1))
-      except queue.Empty:
-        pytest.fail(f"no start-up line in {START_LIMIT_S} s:\n{log.read_text()[-3000:]}")
-      if line is None:
-        pytest.fail(f"the server ended before serving:\n{log.read_text()[-3000:]}")
-      if line.startswith("[rank 0] {"):
-        started = json.loads(line.split(" ", 2)[2])
+    started = serve_helpers.wait_for_start(proc, log, START_LIMIT_S, prefix="[rank 0] ")
     out, err = reference.communicate(timeout=300)
     assert reference.returncode == 0, err[-3000:]
     yield started["url"], started, log, json.loads(out.strip().splitlines()[-1])

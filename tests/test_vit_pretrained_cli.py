@@ -81,13 +81,16 @@ def test_finetune_a_pretrained_backbone_then_evaluate_the_run(folders, tmp_path,
   workdir = tmp_path / "run"
   spec = f"hf:{folders['dinov2']}"
   trained = last_json(run("train.vit", "--mesh=2", f"--init-from={spec}",
-                          f"--workdir={workdir}", f"--data-dir={folders['data']}", *TRAIN))
-  assert (trained["steps"], trained["examples"], trained["variant"]) == (4, 32, "custom/4")
+                          f"--workdir={workdir}", f"--data-dir={folders['data']}", *TRAIN,
+                          "--config.eval_examples=20"))
+  # the run scores the first 20 of the 32 test images, and so does infer.vit on it
+  assert (trained["steps"], trained["examples"], trained["variant"]) == (4, 20, "custom/4")
   saved = json.loads((workdir / "config.json").read_text())
   assert (saved["model"], saved["image_size"], saved["upsample"]) == (spec, 16, 2)
   again = _in_process("infer.vit", f"--workdir={workdir}", "--mesh=4",
                       f"--data-dir={folders['data']}", capsys=capsys)
   assert again["accuracy"] == trained["accuracy"]  # the run rebuilt from its spec
+  assert again["examples"] == 20
 
 
 def test_evaluate_a_pretrained_classifier_as_is(folders, capsys):

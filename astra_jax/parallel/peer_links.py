@@ -28,6 +28,8 @@ import threading
 
 import numpy as np
 
+from astra_jax.parallel.stream_transport import read_exact
+
 HEADER = struct.Struct("!QQ")  # request number, payload bytes
 _CLOSED = object()
 
@@ -70,11 +72,11 @@ class Links:
   def _read_loop(self, conn: socket.socket) -> None:
     box = None
     try:
-      (size,) = struct.unpack("!I", _read(conn, 4))
-      box = self._box(_read(conn, size).decode())
+      (size,) = struct.unpack("!I", read_exact(conn, 4))
+      box = self._box(read_exact(conn, size).decode())
       while True:
-        request, size = HEADER.unpack(_read(conn, HEADER.size))
-        box.put((request, _read(conn, size)))
+        request, size = HEADER.unpack(read_exact(conn, HEADER.size))
+        box.put((request, read_exact(conn, size)))
     except (ConnectionError, OSError, ValueError):
       if box is not None:
         box.put((None, _CLOSED))
@@ -157,12 +159,3 @@ class Links:
   def close(self) -> None:
     self._server.close()
 
-
-def _read(conn: socket.socket, n: int) -> bytes:
-  buf = bytearray()
-  while len(buf) < n:
-    chunk = conn.recv(min(n - len(buf), 1 << 20))
-    if not chunk:
-      raise ConnectionError("closed")
-    buf += chunk
-  return bytes(buf)

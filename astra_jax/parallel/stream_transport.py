@@ -78,15 +78,15 @@ class Transport:
   def _accept(self) -> None:
     for _ in range(self.rank):  # one connection from each earlier rank
       conn, _ = self._server.accept()
-      (sender,) = struct.unpack("!I", _read(conn, 4))
+      (sender,) = struct.unpack("!I", read_exact(conn, 4))
       threading.Thread(target=self._read_loop, args=(conn, sender), daemon=True,
                        name=f"stream-from-{sender}").start()
 
   def _read_loop(self, conn: socket.socket, sender: int) -> None:
     try:
       while True:
-        (size,) = struct.unpack("!Q", _read(conn, 8))
-        payload = _read(conn, size)
+        (size,) = struct.unpack("!Q", read_exact(conn, 8))
+        payload = read_exact(conn, size)
         self._note("arrived", sender)
         self.inbox[sender].put(payload)
     except (ConnectionError, OSError):
@@ -152,7 +152,8 @@ class Transport:
     return out
 
 
-def _read(conn: socket.socket, n: int) -> bytes:
+def read_exact(conn: socket.socket, n: int) -> bytes:
+  """``n`` bytes from ``conn``; ConnectionError when it closes first."""
   buf = bytearray()
   while len(buf) < n:
     chunk = conn.recv(min(n - len(buf), 1 << 20))

@@ -135,23 +135,22 @@ class CompileCounter:
       self.count += 1
 
 
-class LocalEngine(Engine):
-  """``loaded``'s model on this process's first ``mesh_size`` devices."""
+class BucketedEngine(Engine):
+  """What every engine here shares: ``loaded``'s tokenizer and window, prompts
+  padded to ``buckets`` (multiples of ``multiple``: the devices a prompt is
+  split over) and the compile count since warm-up."""
 
-  def __init__(self, loaded: Loaded, *, mesh_size: int, buckets: list[int] | None = None,
-               chat: chat_lib.ChatFormat | None = None):
-    self.name, self.context, self.mesh_size = loaded.name, loaded.context, mesh_size
+  def __init__(self, loaded: Loaded, *, multiple: int, what: str,
+               buckets: list[int] | None, chat: chat_lib.ChatFormat | None):
+    self.name, self.context = loaded.name, loaded.context
     self.tokenizer, self.vocab_size = loaded.tokenizer, loaded.model_cfg.vocab_size
-    self.exchange = exchange_spec(loaded.model_cfg.exchange)
     self.chat = chat or chat_lib.ChatFormat(None, "nowhere")
-    self.buckets = sorted(buckets or default_buckets(mesh_size, loaded.context))
-    bad = [b for b in self.buckets if b % mesh_size or not 0 < b <= loaded.context]
+    self.buckets = sorted(buckets or default_buckets(multiple, loaded.context))
+    bad = [b for b in self.buckets if b % multiple or not 0 < b <= loaded.context]
     if bad:
-      raise ValueError(f"bucket lengths {bad} are not multiples of the mesh size {mesh_size} "
-                       f"within the context of {loaded.context} tokens")
+      raise ValueError(f"bucket lengths {bad} are not multiples of {what} within the context "
+                       f"of {loaded.context} tokens")
     self.compiles = CompileCounter()
-    self.generator = generate.Generator(loaded.model, mesh_size=mesh_size,
-                                        context=loaded.context)
     self.compiles_at_warm_up: int | None = None
 
   def encode(self, text: str) -> list[int]:
@@ -159,10 +158,6 @@ class LocalEngine(Engine):
 
   def decode(self, ids: list[int]) -> str:
     return self.tokenizer.decode(ids)
-
-  def describe(self) -> dict[str, Any]:
-    return {"context": self.context, "mesh": self.mesh_size, "exchange": self.exchange,
-            "buckets": self.buckets, "chat_template": self.chat.template is not None}
 
   @property
   def compiles_since_warm_up(self) -> int | None:
@@ -173,16 +168,39 @@ class LocalEngine(Engine):
   def bucket(self, prompt_len: int) -> int | None:
     return next((b for b in self.buckets if b >= prompt_len), None)
 
-  def plan(self, prompt_len: int, max_tokens: int, force: str | None = None) -> dict[str, Any]:
-    if force not in (None, "local"):
-      raise ValueError(f"plan {force!r} is not available: this server runs one plan ('local', "
-                       "its mesh and exchange); plans are for a multi-rank server")
-    length = self.bucket(prompt_len)
+  def fitted(self, prompt_len: int, max_tokens: int, bucket: int | None = None) -> int:
+    """The bucket of a prompt (``bucket`` if given); PromptTooLong when the prompt
+    and its reply do not fit the window."""
+    length = bucket or self.bucket(prompt_len)
     if length is None or prompt_len + max_tokens > self.context:
       raise PromptTooLong(
           f"this model's maximum context length is {self.context} tokens; you requested "
           f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
           "completion); shorten the prompt or lower max_tokens")
+    return length
+
+
+class LocalEngine(BucketedEngine):
+  """``loaded``'s model on this process's first ``mesh_size`` devices."""
+
+  def __init__(self, loaded: Loaded, *, mesh_size: int, buckets: list[int] | None = None,
+               chat: chat_lib.ChatFormat | None = None):
+    super().__init__(loaded, multiple=mesh_size, what=f"the mesh size {mesh_size}",
+                     buckets=buckets, chat=chat)
+    self.mesh_size = mesh_size
+    self.exchange = exchange_spec(loaded.model_cfg.exchange)
+    self.generator = generate.Generator(loaded.model, mesh_size=mesh_size,
+                                        context=loaded.context)
+
+  def describe(self) -> dict[str, Any]:
+    return {"context": self.context, "mesh": self.mesh_size, "exchange": self.exchange,
+            "buckets": self.buckets, "chat_template": self.chat.template is not None}
+
+  def plan(self, prompt_len: int, max_tokens: int, force: str | None = None) -> dict[str, Any]:
+    if force not in (None, "local"):
+      raise ValueError(f"plan {force!r} is not available: this server runs one plan ('local', "
+                       "its mesh and exchange); plans are for a multi-rank server")
+    length = self.fitted(prompt_len, max_tokens)
     device = generate.decode_device(self.mesh_size, prompt_len, length)
     return {"plan": "local", "mesh": self.mesh_size, "exchange": self.exchange, "bucket": length,
             "decode_device": device.id, "processes": jax.process_count()}

@@ -40,8 +40,7 @@ from astra_jax.core import streaming
 from astra_jax.parallel import peer_links
 from astra_jax.run.tasks import lm
 from astra_jax.serve import chat as chat_lib, plan as plan_lib, rank as rank_lib, wire
-from astra_jax.serve.engine import (CompileCounter, Engine, Generation, PromptTooLong,
-                                    Sampling, default_buckets)
+from astra_jax.serve.engine import BucketedEngine, Generation, Sampling
 from astra_jax.serve.load import Loaded
 
 PROBE_BYTES = 1 << 20
@@ -65,7 +64,7 @@ class Member:
             "warm": self.warm}
 
 
-class GroupEngine(Engine):
+class GroupEngine(BucketedEngine):
   """``loaded`` (with its stream twins, ``load.load_group``) served by rank 0 of
   ``size`` ranks; the front listens for the others on ``control`` (HOST:PORT)."""
 
@@ -74,18 +73,11 @@ class GroupEngine(Engine):
                max_loss: float | None = None, rank_timeout_s: float = 45.0,
                log: Callable[[str], None] = lambda line: print(line, file=sys.stderr,
                                                                 flush=True)):
-    self.name, self.context, self.size = loaded.name, loaded.context, size
-    self.tokenizer, self.vocab_size = loaded.tokenizer, loaded.model_cfg.vocab_size
-    self.chat = chat or chat_lib.ChatFormat(None, "nowhere")
-    self.buckets = sorted(buckets or default_buckets(size, loaded.context))
-    bad = [b for b in self.buckets if b % size or not 0 < b <= loaded.context]
-    if bad:
-      raise ValueError(f"bucket lengths {bad} are not multiples of the {size} ranks within "
-                       f"the context of {loaded.context} tokens")
+    super().__init__(loaded, multiple=size, what=f"the {size} ranks", buckets=buckets,
+                     chat=chat)
+    self.size = size
     self.labels = [label for label in loaded.variants if label != "exact"] + ["exact"]
     self.rank_timeout_s, self.log = rank_timeout_s, log
-    self.compiles = CompileCounter()
-    self.compiles_at_warm_up: int | None = None
     self.programs = rank_lib.Programs(loaded)
     self.fingerprint = rank_lib.fingerprint(loaded)
     self.links = peer_links.Links(links_host, timeout_s=rank_timeout_s)
@@ -186,12 +178,6 @@ class GroupEngine(Engine):
 
   # ---- the engine ----------------------------------------------------------
 
-  def encode(self, text: str) -> list[int]:
-    return self.tokenizer.encode(text)
-
-  def decode(self, ids: list[int]) -> str:
-    return self.tokenizer.decode(ids)
-
   def describe(self) -> dict[str, Any]:
     return {"context": self.context, "ranks": self.size, "live_ranks": 1 + len(self.live()),
             "plans": [plan_lib.ONE] + self.labels, "buckets": self.buckets,
@@ -211,25 +197,11 @@ class GroupEngine(Engine):
             "fixed_s": {f"{label}@{r}": round(s, 4) for (label, r), s in p.overhead.items()},
             "quality_loss_pct": p.loss, "max_quality_loss_pct": p.max_loss}
 
-  @property
-  def compiles_since_warm_up(self) -> int | None:
-    if self.compiles_at_warm_up is None:
-      return None
-    return self.compiles.count - self.compiles_at_warm_up
-
-  def bucket(self, prompt_len: int) -> int | None:
-    return next((b for b in self.buckets if b >= prompt_len), None)
-
   def plan(self, prompt_len: int, max_tokens: int, force: str | None = None,
            bucket: int | None = None) -> dict[str, Any]:
     """How a request runs now: ``force`` a plan label, ``bucket`` a padded length
     (warm-up and benchmarks), else the fastest predicted."""
-    length = bucket or self.bucket(prompt_len)
-    if length is None or prompt_len + max_tokens > self.context:
-      raise PromptTooLong(
-          f"this model's maximum context length is {self.context} tokens; you requested "
-          f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
-          "completion); shorten the prompt or lower max_tokens")
+    length = self.fitted(prompt_len, max_tokens, bucket)
     members = self.live()
     ranks = 1 + len(members)
     candidates = [(plan_lib.ONE, 1, length)]

@@ -193,6 +193,13 @@ class Worker:
       self._cancelled.discard(rid)
 
 
+def serve_worker(loaded: Loaded, *, rank: int, front: str, host: str,
+                 compiles: Callable[[], int]) -> None:
+  """Rank ``rank`` (not 0) serves the front at ``front`` until it stops; logs on stderr."""
+  Worker(loaded, rank=rank, front=front, host=host, compiles=compiles,
+         log=lambda line: print(line, file=sys.stderr, flush=True)).serve()
+
+
 def _root_cause(e: BaseException) -> str:
   """The first line naming what went wrong (a lost peer, not XLA's wrapping)."""
   text = str(e)

@@ -77,9 +77,14 @@ def evaluate(model: nnx.Module, cfg, model_cfg: vit.ViTConfig, split: data.Image
 
   ``tensor``: tensor-parallel over the devices with ``model_cfg.sync`` (one
   class token, every device sees every patch) instead of sequence-parallel.
+  ``cfg.eval_examples`` (if set and > 0): only the split's first that many
+  images (a CPU-sized evaluation of a large backbone; the result says how many).
   """
   if not tensor:
     check_mesh(model_cfg, mesh_size)
+  limit = int(cfg.get("eval_examples", 0) or 0)
+  if 0 < limit < len(split.labels):
+    split = dataclasses.replace(split, images=split.images[:limit], labels=split.labels[:limit])
   fwd = forward.inference_forward(model, mesh_size, tensor=tensor)
   positions = jnp.arange(model_cfg.num_patches)
 
