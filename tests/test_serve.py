@@ -20,6 +20,7 @@ import pytest
 pytest.importorskip("safetensors")
 pytest.importorskip("tokenizers")
 openai = pytest.importorskip("openai")
+import hf_helpers  # noqa: E402
 import serve_helpers  # noqa: E402
 
 PROMPT, NEW = "When in disgrace with", 12
