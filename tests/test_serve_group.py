@@ -10,6 +10,7 @@ SIGKILL mid-stream: that request ends with an OpenAI-format error within
 has started rank 1 again the server plans over two ranks again.
 """
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -118,6 +119,22 @@ def test_every_plan_answers_and_the_server_picks_one(server, client):
   with pytest.raises(openai.BadRequestError, match="plan 'G=2' is not available"):
     client.completions.create(model="tiny-llama", prompt="x", max_tokens=2,
                               extra_body={"astra_plan": "G=2"})
+
+
+def test_concurrent_requests_across_ranks_each_get_their_own_answer(client):
+  """8 requests at once, over both ranks and one device, equal the same one at a time."""
+  asks = [(PROMPT[:k], plan) for k in (12, 30, 45, len(PROMPT))
+          for plan in ("exact", "one-device")]
+
+  def ask(prompt, plan):
+    return client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=5,
+                                     temperature=0,
+                                     extra_body={"astra_plan": plan}).choices[0].text
+
+  alone = [ask(*a) for a in asks]
+  with concurrent.futures.ThreadPoolExecutor(len(asks)) as pool:
+    together = list(pool.map(lambda a: ask(*a), asks))
+  assert together == alone
 
 
 def test_no_request_compiled_after_warm_up_on_any_rank(server, client):
