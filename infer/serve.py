@@ -204,7 +204,7 @@ def serve_group(args, start: float) -> None:
                                rank_timeout_s=args.rank_timeout)
     engine.wait_for_ranks(args.join_timeout)
     warm = engine.warm_up(loaded.held_out)
-  except ValueError as e:
+  except (ValueError, group.RankLost) as e:  # a rank lost during the warm-up too
     cli.fail(str(e))
   host, port = sock.getsockname()[:2]
   url = f"http://{host}:{port}"

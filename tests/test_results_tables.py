@@ -194,9 +194,9 @@ def test_pretrained_vit_table_starts_from_the_bundled_backbone(tmp_path, monkeyp
   assert all("--config.image_size=56" in c and "--config.eval_examples=2000" in c
              for c in trains)
   tuned = [c for c in trains[1:] if "--max-steps=100" in c]
-  assert len(tuned) == 7 and all("--config.lr=5e-05" in c and
+  assert len(tuned) == 8 and all("--config.lr=5e-05" in c and
                                  f"--init-from={root / 'exact'}" in c for c in tuned)
   assert any("--config.class_token=single" in c and "--config.vq.groups=32" in c for c in tuned)
   assert not any(c[0] == "infer.spd" or any(a.startswith("--tp=") for a in c) for c in calls)
   names = [r["name"] for r in json.loads((tmp_path / "r.json").read_text())["rows"]]
-  assert "vq_g32_single" in names and "vq_g32_loss10" in names
+  assert "vq_g32_single" in names and "vq_g32_loss10" in names and "exact_ft" in names

@@ -168,7 +168,7 @@ def main(argv=None):
     ids = loaded.held_out
     if len(ids) < max(lengths):
       raise ValueError(f"the held-out text has {len(ids)} tokens, fewer than --prompts needs")
-  except ValueError as e:
+  except (ValueError, group.RankLost) as e:  # a rank lost during the warm-up too
     cli.fail(str(e))
   rows = []
   for length in lengths:
