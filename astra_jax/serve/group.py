@@ -93,6 +93,7 @@ class GroupEngine(BucketedEngine):
     self._replies: dict[int, queue.Queue] = {}
     self._ids = itertools.count(1)
     self.run_between: Callable[[Callable[[], None]], None] | None = None
+    self._closing = False
     self._server = socket.create_server(peer_links.split_address(control))
     threading.Thread(target=self._accept, daemon=True, name="front-accept").start()
 
@@ -149,6 +150,8 @@ class GroupEngine(BucketedEngine):
       if not member.alive:
         return
       member.alive = False
+      if self._closing:  # shutdown() asked the ranks to stop
+        return
       boxes = list(self._replies.values())
     member.channel.close()
     self.log(f"front: rank {member.rank} (pid {member.pid}) is lost ({why}); serving with "
@@ -468,6 +471,7 @@ class GroupEngine(BucketedEngine):
 
   def shutdown(self) -> None:
     with self._lock:
+      self._closing = True
       members = list(self.members.values())
     for m in members:
       try:
