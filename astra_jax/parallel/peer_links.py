@@ -38,6 +38,21 @@ class PeerLost(RuntimeError):
   """A member of the group closed its link or went silent mid-request."""
 
 
+def serve_connections(server: socket.socket, handle, name: str) -> None:
+  """Accepts ``server``'s connections on a daemon thread, each handled by
+  ``handle(conn)`` on a thread of its own, until the server socket closes."""
+
+  def accept():
+    while True:
+      try:
+        conn, _ = server.accept()
+      except OSError:
+        return
+      threading.Thread(target=handle, args=(conn,), daemon=True, name=f"{name}-conn").start()
+
+  threading.Thread(target=accept, daemon=True, name=f"{name}-accept").start()
+
+
 def split_address(address: str) -> tuple[str, int]:
   host, _, port = address.rpartition(":")
   return host, int(port)
@@ -54,20 +69,11 @@ class Links:
     self._outbox: dict[str, queue.Queue] = {}
     self._lock = threading.Lock()
     self.request, self.group, self.index = -1, [self.address], 0
-    threading.Thread(target=self._accept, daemon=True, name="links-accept").start()
+    serve_connections(self._server, self._read_loop, "links")
 
   def _box(self, sender: str) -> queue.Queue:
     with self._lock:
       return self._inbox.setdefault(sender, queue.Queue())
-
-  def _accept(self) -> None:
-    while True:
-      try:
-        conn, _ = self._server.accept()
-      except OSError:
-        return
-      threading.Thread(target=self._read_loop, args=(conn,), daemon=True,
-                       name="links-reader").start()
 
   def _read_loop(self, conn: socket.socket) -> None:
     box = None

@@ -115,7 +115,7 @@ class Generator:
     Across processes only the process owning that device yields tokens.
     """
     n = prompt_len
-    if self.rank is not None:  # logits: this rank's block; views: this rank's
+    if self.rank is not None:  # logits and views: this rank's only (its block 0)
       block = logits.shape[1]
       if (n - 1) // block != self.rank.index or max_new_tokens <= 0:
         return iter(())
@@ -127,7 +127,7 @@ class Generator:
       block = logits.shape[1] // self.mesh_size
       device = (n - 1) // block
       offset = device * block
-    cache = _pad_cache(views, 0 if self.rank is not None else device, self.context)
+    cache = _pad_cache(views, device, self.context)
     if owner not in self._placed:
       self._placed[owner] = jax.device_put(self._decode_state, owner)
     state = self._placed[owner]
@@ -135,7 +135,7 @@ class Generator:
     def step(token, position, cache):
       return self._step(state, token[:, None], jnp.asarray([position], jnp.int32), cache)
 
-    last = mesh_lib.local_block(logits, 1, 0 if self.rank is not None else device)[:, n - 1 - offset]
+    last = mesh_lib.local_block(logits, 1, device)[:, n - 1 - offset]
     key = key if key is not None else jax.random.PRNGKey(0)
     key, sub = jax.random.split(key)
     token = _sample(last, temperature, sub, top_p)

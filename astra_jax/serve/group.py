@@ -23,6 +23,7 @@ decodes and sends its tokens to the front.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import queue
@@ -95,18 +96,9 @@ class GroupEngine(BucketedEngine):
     self.run_between: Callable[[Callable[[], None]], None] | None = None
     self._closing = False
     self._server = socket.create_server(peer_links.split_address(control))
-    threading.Thread(target=self._accept, daemon=True, name="front-accept").start()
+    peer_links.serve_connections(self._server, self._join, "front")
 
   # ---- the group ---------------------------------------------------------
-
-  def _accept(self) -> None:
-    while True:
-      try:
-        sock, _ = self._server.accept()
-      except OSError:
-        return
-      threading.Thread(target=self._join, args=(sock,), daemon=True,
-                       name="front-join").start()
 
   def _join(self, sock: socket.socket) -> None:
     channel = wire.Channel(sock)
@@ -249,7 +241,7 @@ class GroupEngine(BucketedEngine):
 
   def _one_device(self, prompt_ids, length, sampling, seed) -> Iterator[int]:
     g = self.programs.decoder
-    logits, views = g.prefill(rank_lib.padded(prompt_ids, length))
+    logits, views = g.prefill_prompt(prompt_ids, sampling.max_tokens, length)
     yield from g.decode(logits, views, len(prompt_ids), sampling.max_tokens,
                         temperature=sampling.temperature, top_p=sampling.top_p,
                         key=jax.random.PRNGKey(seed % 2**32))
@@ -259,10 +251,11 @@ class GroupEngine(BucketedEngine):
     tokens come from this process or back on that rank's control channel."""
     with self._lock:
       members = [self.members[r] for r in plan["group"][1:]]
-    rid = next(self._ids)
-    box: queue.Queue = queue.Queue()
-    with self._lock:
-      self._replies[rid] = box
+    with self._mailbox() as (rid, box):
+      yield from self._run_on(members, rid, box, prompt_ids, plan, sampling, seed)
+
+  def _run_on(self, members, rid, box, prompt_ids, plan, sampling, seed) -> Iterator[int]:
+    """``_on_group`` for request ``rid``, whose replies arrive in ``box``."""
     group = [self.links.address] + [m.links for m in members]
     message = {"op": "run", "id": rid, "label": plan["plan"], "group": group,
                "tokens": list(prompt_ids), "length": plan["bucket"], "n": len(prompt_ids),
@@ -280,7 +273,7 @@ class GroupEngine(BucketedEngine):
       g = self.programs.get(plan["plan"], 0, len(group))
       self.links.begin(rid, group, 0)
       start = time.perf_counter()
-      logits, views = g.prefill(rank_lib.padded(prompt_ids, plan["bucket"]))
+      logits, views = g.prefill_prompt(prompt_ids, sampling.max_tokens, plan["bucket"])
       jax.block_until_ready(logits)
       plan["rank0_s"] = round(time.perf_counter() - start, 4)
       if plan.get("score"):
@@ -324,6 +317,16 @@ class GroupEngine(BucketedEngine):
             except OSError:
               pass
         self._drain(box, pending, members)
+
+  @contextlib.contextmanager
+  def _mailbox(self):
+    """(a fresh request number, the queue its replies from the ranks go to)."""
+    rid, box = next(self._ids), queue.Queue()
+    with self._lock:
+      self._replies[rid] = box
+    try:
+      yield rid, box
+    finally:
       with self._lock:
         self._replies.pop(rid, None)
 
@@ -345,25 +348,18 @@ class GroupEngine(BucketedEngine):
 
   def probe_link(self, member: Member) -> plan_lib.Link:
     """Round trips to ``member``: three tiny ones and one carrying PROBE_BYTES."""
-    rid = next(self._ids)
-    box: queue.Queue = queue.Queue()
-    with self._lock:
-      self._replies[rid] = box
+    with self._mailbox() as (rid, box):
 
-    def trip(payload: str) -> float:
-      start = time.perf_counter()
-      member.channel.send({"op": "probe", "id": rid, "payload": payload})
-      _, reply = box.get(timeout=120)
-      if "lost" in reply:
-        raise RankLost(f"rank {member.rank} was lost while its link was measured")
-      return time.perf_counter() - start
+      def trip(payload: str) -> float:
+        start = time.perf_counter()
+        member.channel.send({"op": "probe", "id": rid, "payload": payload})
+        _, reply = box.get(timeout=120)
+        if "lost" in reply:
+          raise RankLost(f"rank {member.rank} was lost while its link was measured")
+        return time.perf_counter() - start
 
-    try:
       small = min(trip("") for _ in range(3))
       big = trip("x" * PROBE_BYTES)
-    finally:
-      with self._lock:
-        self._replies.pop(rid, None)
     return plan_lib.link_from_probe(small, big, PROBE_BYTES)
 
   def _warm_runs(self, label: str, ranks: int, length: int, first: bool) -> float:
@@ -382,6 +378,14 @@ class GroupEngine(BucketedEngine):
     self.planner.ttft[(label, ranks, length)] = gen.prefill_s
     return gen.plan.get("rank0_s", gen.prefill_s)
 
+  def _time_plans(self, ranks: int, length: int, first: bool) -> None:
+    """Compiles and times every plan over ``ranks`` ranks at one bucket (none on
+    one rank, or when the bucket does not split over them)."""
+    if ranks > 1 and length % ranks == 0:
+      for label in self.labels:
+        self.planner.block[(label, ranks, length)] = self._warm_runs(label, ranks, length,
+                                                                     first)
+
   def perplexity(self, label: str, ids: list[int]) -> float:
     """The plan's perplexity on ``ids`` (one bucket's worth, run as a request)."""
     ranks = 1 if label == plan_lib.ONE else 1 + len(self.live())
@@ -389,7 +393,7 @@ class GroupEngine(BucketedEngine):
     window = ids[:length]
     if ranks == 1:
       g = self.programs.decoder
-      logits, _ = g.prefill(rank_lib.padded(window, length))
+      logits, _ = g.prefill_prompt(window, 0, length)
       parts = [rank_lib.block_nll(logits, window, 0)]
     else:
       plan = self.plan(length, 0, label, length) | {"score": True}
@@ -429,10 +433,7 @@ class GroupEngine(BucketedEngine):
     for i, length in enumerate(self.buckets):
       t = time.perf_counter()
       self.planner.one[length] = self._warm_runs(plan_lib.ONE, 1, length, i == 0)
-      if ranks > 1:
-        for label in self.labels:
-          self.planner.block[(label, ranks, length)] = self._warm_runs(label, ranks, length,
-                                                                       i == 0)
+      self._time_plans(ranks, length, i == 0)
       seconds[str(length)] = round(time.perf_counter() - t, 2)
       self.log(f"warm-up: bucket {length} tokens, {1 + (len(self.labels) if ranks > 1 else 0)} "
                f"plan(s), compiled and timed in {seconds[str(length)]:.1f} s")
@@ -456,11 +457,7 @@ class GroupEngine(BucketedEngine):
       member.warm = True
       ranks = 1 + len(self.live())
       for i, length in enumerate(self.buckets):
-        if length % ranks:
-          continue
-        for label in self.labels:
-          self.planner.block[(label, ranks, length)] = self._warm_runs(label, ranks, length,
-                                                                       i == 0)
+        self._time_plans(ranks, length, i == 0)
       self.planner.calibrate()
       member.compiles_at_warm_up = member.compiles
       self.compiles_at_warm_up = self.compiles.count

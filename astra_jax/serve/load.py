@@ -97,15 +97,15 @@ def load_group(model: str | None = None, workdir: str | None = None, *,
   twins = {"exact": stream_twin(exchange_lib.make_exchange("exact"))}
   for ex in wanted:
     twins.setdefault(plan_label(ex), stream_twin(ex))
+  train_text, held_out = text_lib.load_splits(cfg.text)
   ids = None
   for label, ex in twins.items():
     twin = _twin(net, base_cfg, ex)
     if model and label != "exact":  # ASTRA zero-shot: k-means codebooks only
       if ids is None:
-        ids = lm.token_ids(text_lib.load_splits(cfg.text)[0], loaded.tokenizer)
+        ids = lm.token_ids(train_text, loaded.tokenizer)
       lm.kmeans_codebooks(twin, cfg, ids)
     loaded.variants[label] = twin
-  held_out = text_lib.load_splits(cfg.text)[1]
   loaded.held_out = [int(i) for i in lm.token_ids(held_out[:loaded.context * 16],
                                                   loaded.tokenizer)[:loaded.context]]
   return loaded

@@ -28,7 +28,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from astra_jax.core import attention, axes, streaming
@@ -77,10 +76,6 @@ class Programs:
     return self._generators[key]
 
 
-def padded(ids: list[int], length: int, pad_id: int = 0) -> jnp.ndarray:
-  return jnp.asarray([list(ids) + [pad_id] * (length - len(ids))], jnp.int32)
-
-
 def run_block(programs: Programs, links: peer_links.Links, message: dict[str, Any],
               emit: Callable[[dict[str, Any]], None], cancelled: Callable[[], bool]) -> None:
   """One ``run`` request on this rank: its block's prefill and, if it holds the
@@ -89,7 +84,7 @@ def run_block(programs: Programs, links: peer_links.Links, message: dict[str, An
   g = programs.get(message["label"], index, len(group))
   links.begin(rid, group, index)
   start = time.perf_counter()
-  logits, views = g.prefill(padded(message["tokens"], message["length"]))
+  logits, views = g.prefill_prompt(message["tokens"], message["max_tokens"], message["length"])
   jax.block_until_ready(logits)
   prefill_s = time.perf_counter() - start
   scored = {}

@@ -97,7 +97,7 @@ def parse(argv):
   if (args.timeline or args.slow_rank) and not args.exchange.startswith("stream"):
     p.error("--timeline and --slow-rank time the stream exchange's host transport: "
             "add --exchange stream:... (and launch one process per device)")
-  ranks = getattr(args, "num_processes", None) or 1
+  ranks = args.num_processes or 1
   if args.slow_rank and args.slow_rank[0] >= ranks:
     p.error(f"--slow-rank {args.slow_rank[0]}: the run has {ranks} process(es), ranks 0-"
             f"{ranks - 1}")
