@@ -38,3 +38,14 @@ def test_report_refuses_other_files_in_one_line(tmp_path, capsys, content):
     serve_plans.main(["--report", str(path)])
   err = capsys.readouterr().err
   assert e.value.code == 2 and err.count("\n") == 1 and str(path) in err, err
+
+
+def test_measuring_needs_ranks_and_prompt_lengths_that_split_over_them(capsys):
+  with pytest.raises(SystemExit) as e:
+    serve_plans.main(["--model", "smollm2"])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.count("\n") == 1 and "python -m infer.launch" in err, err
+  for text in ("16,x", "15", ""):
+    with pytest.raises(ValueError, match="--prompts"):
+      serve_plans._lengths(text, 2)
+  assert serve_plans._lengths("1024,32,32", 2) == [32, 1024]
